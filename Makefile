@@ -1,0 +1,28 @@
+# `make test` and `make demo` work on a fresh machine: they create .venv from requirements.txt first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Tests run on the CPU with 4 simulated devices so multi-device code paths are exercised.
+TEST_ENV := JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=4 TF_CPP_MIN_LOG_LEVEL=2
+
+.PHONY: venv test demo bench clean
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade --quiet pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(TEST_ENV) $(PY) -m pytest -q -n 2 tests
+
+demo: venv
+	JAX_PLATFORMS=cpu TF_CPP_MIN_LOG_LEVEL=2 $(PY) train.py --config=configs/demo.py --workdir=runs/demo
+
+bench: venv
+	JAX_PLATFORMS=cpu TF_CPP_MIN_LOG_LEVEL=2 $(PY) bench.py --config=configs/f0.py --batch_size=8 --resolution=192 --steps=5
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,104 @@
+"""Pre-activation NF-ResNets (Brock et al. 2021a), the models of the paper's AGC study.
+
+Module tree as the reference `NF_ResNet`: `NF_ResNet/~/initial_conv`, `NF_ResNet/~/nf_res_block[_k]/~/conv0..2`,
+`conv_shortcut`, and `NF_ResNet/~/linear`.
+"""
+import math
+from typing import Optional, Sequence
+
+import haiku as hk
+import jax.numpy as jnp
+
+from nfnets import layers
+
+DEPTHS = {
+    'ResNet26': (2, 2, 2, 2),  # not in the reference: a small model for CPU-scale studies
+    'ResNet50': (3, 4, 6, 3),
+    'ResNet101': (3, 4, 23, 3),
+    'ResNet152': (3, 8, 36, 3),
+    'ResNet200': (3, 24, 36, 3),
+}
+STRIDES = (1, 2, 2, 2)
+
+
+class NFResBlock(hk.Module):
+  """Pre-activation bottleneck (ratio 0.25) with an optional SE, stochastic depth and a skip gain."""
+
+  def __init__(self, in_ch, out_ch, stride, beta, alpha, act, stochdepth_rate, use_se, se_ratio,
+               name: Optional[str] = None):
+    super().__init__(name=name)
+    self.in_ch, self.out_ch, self.stride = in_ch, out_ch, stride
+    self.beta, self.alpha, self.act = beta, alpha, act
+    self.stochdepth_rate = stochdepth_rate
+    width = int(out_ch * 0.25)
+    self.conv0 = layers.WSConv2D(width, 1, name='conv0')
+    self.conv1 = layers.WSConv2D(width, 3, stride=stride, name='conv1')
+    self.conv2 = layers.WSConv2D(out_ch, 1, name='conv2')
+    self.use_projection = stride > 1 or in_ch != out_ch
+    if self.use_projection:
+      self.conv_shortcut = layers.WSConv2D(out_ch, 1, stride=stride, name='conv_shortcut')
+    self.se = layers.SqueezeExcite(out_ch, out_ch, se_ratio) if use_se else None
+    self.stoch_depth = layers.StochDepth(stochdepth_rate)
+
+  def __call__(self, x, is_training):
+    out = self.act(x) * self.beta
+    shortcut = self.conv_shortcut(out) if self.use_projection else x
+    out = self.conv0(out)
+    out = self.conv1(self.act(out))
+    out = self.conv2(self.act(out))
+    if self.se is not None:
+      out = (self.se(out) * 2) * out
+    res_avg_var = jnp.mean(jnp.var(out, axis=(0, 1, 2)))
+    if 0 < self.stochdepth_rate < 1:
+      out = self.stoch_depth(out, is_training)
+    skip_gain = hk.get_parameter('skip_gain', (), out.dtype, init=jnp.zeros)
+    return out * skip_gain * self.alpha + shortcut, res_avg_var
+
+
+class NFResNet(hk.Module):
+  """Normalizer-free pre-activation ResNet-26/50/101/152/200.
+
+  Called as `model(images_nhwc, is_training, return_metrics=False)`, like `NFNet`.
+  """
+
+  def __init__(self, num_classes: int, variant: str = 'ResNet50', width: int = 4, alpha: float = 0.2,
+               stochdepth_rate: float = 0.1, drop_rate: float = 0.0, activation: str = 'relu',
+               use_se: bool = False, se_ratio: float = 0.25, fc_init=None,
+               depths: Optional[Sequence[int]] = None, name: str = 'NF_ResNet'):
+    super().__init__(name=name)
+    if not isinstance(num_classes, int) or num_classes < 1:
+      raise ValueError(f'num_classes must be an integer >= 1, got {num_classes!r}')
+    if variant not in DEPTHS:
+      raise ValueError(f'Unknown NF-ResNet variant {variant!r}; accepted: {sorted(DEPTHS)}')
+    self.drop_rate = drop_rate
+    self.act = layers.activation(activation)
+    depths = tuple(depths or DEPTHS[variant])
+    ch = 16 * width
+    self.initial_conv = layers.WSConv2D(ch, 7, stride=2, name='initial_conv')
+    self.blocks = []
+    expected_std, index, num_blocks = 1.0, 0, sum(depths)
+    for stage_width, depth, stride in zip((64, 128, 256, 512), depths, STRIDES):
+      for block_index in range(depth):
+        out_ch = stage_width * width
+        self.blocks.append(NFResBlock(ch, out_ch, stride if block_index == 0 else 1,
+                                      beta=1.0 / expected_std, alpha=alpha, act=self.act,
+                                      stochdepth_rate=stochdepth_rate * index / num_blocks,
+                                      use_se=use_se, se_ratio=se_ratio))
+        ch, index = out_ch, index + 1
+        if block_index == 0:
+          expected_std = 1.0
+        expected_std = math.sqrt(expected_std ** 2 + alpha ** 2)
+    self.fc = hk.Linear(num_classes, w_init=fc_init or hk.initializers.RandomNormal(0.01, 0))
+
+  def __call__(self, x, is_training: bool, return_metrics: bool = False):
+    layers.check_images(x)
+    out = self.initial_conv(x)
+    out = hk.max_pool(out, (1, 3, 3, 1), (1, 2, 2, 1), 'SAME')
+    out, metrics = layers.run_blocks(self.blocks, out, is_training, return_metrics)
+    pool = jnp.mean(self.act(out), axis=(1, 2))
+    if is_training and self.drop_rate > 0:
+      pool = hk.dropout(hk.next_rng_key(), self.drop_rate, pool)
+    logits = self.fc(pool)
+    if return_metrics:
+      return logits, metrics
+    return logits

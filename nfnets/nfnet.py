@@ -1,0 +1,239 @@
+"""NFNet-F0..F7 and F0+..F7+ (Brock et al. 2021), with the reference's module tree and numbers.
+
+The variant table is the one source of truth for depths, image sizes, drop rates and RandAugment levels;
+`block_plan` derives every block's shape from it, and both the model and `count_flops` read that plan.
+"""
+import dataclasses
+import math
+from typing import List, Optional, Sequence
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+from nfnets import layers
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  depths: Sequence[int]
+  train_size: int
+  test_size: int
+  drop_rate: float
+  ra_magnitude: int  # RandAugment magnitude; the reference always uses 4 layers for NFNets.
+  widths: Sequence[int] = (256, 512, 1536, 1536)
+
+
+_BASE = {
+    'F0': Variant((1, 2, 6, 3), 192, 256, 0.2, 5),
+    'F1': Variant((2, 4, 12, 6), 224, 320, 0.3, 10),
+    'F2': Variant((3, 6, 18, 9), 256, 352, 0.4, 10),
+    'F3': Variant((4, 8, 24, 12), 320, 416, 0.4, 15),
+    'F4': Variant((5, 10, 30, 15), 384, 512, 0.5, 15),
+    'F5': Variant((6, 12, 36, 18), 416, 544, 0.5, 15),
+    'F6': Variant((7, 14, 42, 21), 448, 576, 0.5, 15),
+    'F7': Variant((8, 16, 48, 24), 480, 608, 0.5, 15),
+}
+# "+" variants copy every field and widen the stages.
+VARIANTS = dict(_BASE)
+VARIANTS.update({k + '+': dataclasses.replace(v, widths=(384, 768, 2048, 2048)) for k, v in _BASE.items()})
+
+RA_LAYERS = 4
+STRIDES = (1, 2, 2, 2)
+STEM_WIDTHS = (16, 32, 64)  # the fourth stem conv has widths[0] // 2 channels.
+
+
+def get_variant(variant: str) -> Variant:
+  if variant not in VARIANTS:
+    raise ValueError(f'Unknown NFNet variant {variant!r}; accepted: {sorted(VARIANTS)}')
+  return VARIANTS[variant]
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+  index: int
+  in_ch: int
+  out_ch: int
+  width: int  # bottleneck width, a multiple of the group width
+  groups: int
+  stride: int
+  beta: float
+  expected_std: float  # expected std of the block's input
+  stochdepth_rate: float
+
+  @property
+  def use_projection(self) -> bool:
+    return self.stride > 1 or self.in_ch != self.out_ch
+
+
+def block_plan(depths: Sequence[int], widths: Sequence[int], in_ch: int, width_mult: float = 1.0,
+               expansion: float = 0.5, group_width: int = 128, alpha: float = 0.2,
+               stochdepth_rate: float = 0.25, strides: Sequence[int] = STRIDES) -> List[BlockSpec]:
+  """Per-block shapes, betas and stochastic-depth rates, following the reference's loop exactly."""
+  num_blocks = sum(depths)
+  specs, expected_std, index = [], 1.0, 0
+  for stage_width, depth, stride in zip(widths, depths, strides):
+    for block_index in range(depth):
+      out_ch = int(stage_width * width_mult)
+      groups = int(out_ch * expansion) // group_width
+      if groups < 1:
+        raise ValueError(f'Stage width {out_ch} * expansion {expansion} is below the group width '
+                         f'{group_width}; lower group_width.')
+      specs.append(BlockSpec(index=index, in_ch=in_ch, out_ch=out_ch, width=groups * group_width,
+                             groups=groups, stride=stride if block_index == 0 else 1,
+                             beta=1.0 / expected_std, expected_std=expected_std,
+                             stochdepth_rate=stochdepth_rate * index / num_blocks))
+      in_ch, index = out_ch, index + 1
+      # The variance resets after each stage's transition block; each block adds alpha^2.
+      if block_index == 0:
+        expected_std = 1.0
+      expected_std = math.sqrt(expected_std ** 2 + alpha ** 2)
+  return specs
+
+
+class NFBlock(hk.Module):
+  """NFNet bottleneck block: two grouped 3x3 convs, SE, stochastic depth and a zero-init skip gain."""
+
+  def __init__(self, spec: BlockSpec, alpha: float, se_ratio: float, act, use_two_convs: bool = True,
+               conv_impl: str = 'auto', name: Optional[str] = None):
+    super().__init__(name=name)
+    self.spec, self.alpha, self.act, self.use_two_convs = spec, alpha, act, use_two_convs
+    s = spec
+    self.conv0 = layers.WSConv2D(s.width, 1, conv_impl=conv_impl, name='conv0')
+    self.conv1 = layers.WSConv2D(s.width, 3, stride=s.stride, feature_group_count=s.groups,
+                                 conv_impl=conv_impl, name='conv1')
+    if use_two_convs:
+      self.conv1b = layers.WSConv2D(s.width, 3, feature_group_count=s.groups, conv_impl=conv_impl,
+                                    name='conv1b')
+    self.conv2 = layers.WSConv2D(s.out_ch, 1, conv_impl=conv_impl, name='conv2')
+    if s.use_projection:
+      self.conv_shortcut = layers.WSConv2D(s.out_ch, 1, conv_impl=conv_impl, name='conv_shortcut')
+    self.se = layers.SqueezeExcite(s.out_ch, s.out_ch, se_ratio=se_ratio)
+    self.stoch_depth = layers.StochDepth(s.stochdepth_rate)
+
+  def __call__(self, x, is_training):
+    s = self.spec
+    out = self.act(x) * s.beta
+    if s.stride > 1:
+      shortcut = self.conv_shortcut(hk.avg_pool(out, (1, 2, 2, 1), (1, 2, 2, 1), 'SAME'))
+    elif s.use_projection:
+      shortcut = self.conv_shortcut(out)
+    else:
+      shortcut = x
+    out = self.conv0(out)
+    out = self.conv1(self.act(out))
+    if self.use_two_convs:
+      out = self.conv1b(self.act(out))
+    out = self.conv2(self.act(out))
+    out = (self.se(out) * 2) * out
+    res_avg_var = jnp.mean(jnp.var(out, axis=(0, 1, 2)))
+    if 0 < s.stochdepth_rate < 1:
+      out = self.stoch_depth(out, is_training)
+    skip_gain = hk.get_parameter('skip_gain', (), out.dtype, init=jnp.zeros)
+    return out * skip_gain * self.alpha + shortcut, res_avg_var
+
+
+class NFNet(hk.Module):
+  """Normalizer-Free Network F0..F7 / F0+..F7+.
+
+  Called as `model(images_nhwc, is_training, return_metrics=False)`; returns logits, or
+  `(logits, metrics)` where metrics hold per-block signal-propagation statistics of each block's output:
+  `avg_sq_mean`, `avg_var` and the residual-branch variance `res_avg_var` (arrays of length num_blocks).
+
+  Args:
+    stochdepth_rate: the rate of the last block (0.25 in the paper and the reference config).
+    drop_rate: dropout before the classifier; None takes the variant's rate.
+    conv_impl: grouped-conv lowering, see `nfnets.conv` ('auto' picks per backend).
+    width, depths, group_width, stem_widths: shape overrides for small research models; the
+      defaults give the paper's variants.
+  """
+
+  def __init__(self, num_classes: int, variant: str = 'F0', width: float = 1.0, se_ratio: float = 0.5,
+               alpha: float = 0.2, stochdepth_rate: float = 0.25, drop_rate: Optional[float] = None,
+               activation: str = 'gelu', fc_init=None, final_conv_mult: float = 2.0,
+               final_conv_ch: Optional[int] = None, use_two_convs: bool = True, conv_impl: str = 'auto',
+               depths: Optional[Sequence[int]] = None, widths: Optional[Sequence[int]] = None,
+               group_width: int = 128, stem_widths: Sequence[int] = STEM_WIDTHS,
+               name: str = 'NFNet'):
+    super().__init__(name=name)
+    if not isinstance(num_classes, int) or num_classes < 1:
+      raise ValueError(f'num_classes must be an integer >= 1, got {num_classes!r}')
+    v = get_variant(variant)
+    self.variant, self.num_classes = variant, num_classes
+    self.drop_rate = v.drop_rate if drop_rate is None else drop_rate
+    self.act = layers.activation(activation)
+    widths = tuple(widths or v.widths)
+    stem_out = int(widths[0] * width) // 2
+    self.stem_convs = [
+        layers.WSConv2D(ch, 3, stride=2 if i == 0 else 1, conv_impl=conv_impl, name=f'stem_conv{i}')
+        for i, ch in enumerate(tuple(stem_widths))
+    ]
+    self.stem_convs.append(
+        layers.WSConv2D(stem_out, 3, stride=2, conv_impl=conv_impl, name=f'stem_conv{len(stem_widths)}'))
+    self.specs = block_plan(depths or v.depths, widths, stem_out, width_mult=width,
+                            group_width=group_width, alpha=alpha, stochdepth_rate=stochdepth_rate)
+    self.blocks = [NFBlock(s, alpha, se_ratio, self.act, use_two_convs, conv_impl) for s in self.specs]
+    ch = final_conv_ch or int(final_conv_mult * self.specs[-1].out_ch)
+    self.final_conv = layers.WSConv2D(ch, 1, conv_impl=conv_impl, name='final_conv')
+    self.fc = hk.Linear(num_classes, w_init=fc_init or hk.initializers.RandomNormal(0.01, 0))
+
+  def __call__(self, x, is_training: bool, return_metrics: bool = False):
+    layers.check_images(x)
+    out = x
+    for i, conv in enumerate(self.stem_convs):
+      out = conv(out)
+      if i < len(self.stem_convs) - 1:  # no activation after the last stem conv
+        out = self.act(out)
+    out, metrics = layers.run_blocks(self.blocks, out, is_training, return_metrics)
+    out = self.act(self.final_conv(out))
+    pool = jnp.mean(out, axis=(1, 2))
+    if is_training and self.drop_rate > 0:
+      pool = hk.dropout(hk.next_rng_key(), self.drop_rate, pool)
+    logits = self.fc(pool)
+    if return_metrics:
+      return logits, metrics
+    return logits
+
+
+def _conv_macs(h, w, k, cin, cout, groups=1):
+  return h * w * k * k * (cin // groups) * cout
+
+
+def count_flops(variant: str, resolution: int, num_classes: int = 1000, **overrides) -> int:
+  """Multiply-accumulates of one forward pass at `resolution` (convs, SE FCs and classifier).
+
+  The paper's "FLOPs" are this count at the test resolution (F0 at 256 px: 12,384,198,656).
+  Accepts the same shape overrides as `NFNet` (width, depths, widths, group_width, final_conv_mult).
+  """
+  v = get_variant(variant)
+  width = overrides.get('width', 1.0)
+  widths = tuple(overrides.get('widths') or v.widths)
+  stem_widths = tuple(overrides.get('stem_widths', STEM_WIDTHS))
+  se_ratio = overrides.get('se_ratio', 0.5)
+  use_two_convs = overrides.get('use_two_convs', True)
+  stem_out = int(widths[0] * width) // 2
+  h = resolution
+  macs, cin = 0, 3
+  for i, ch in enumerate(stem_widths + (stem_out,)):
+    stride = 2 if i in (0, len(stem_widths)) else 1
+    h = -(-h // stride)
+    macs += _conv_macs(h, h, 3, cin, ch)
+    cin = ch
+  specs = block_plan(overrides.get('depths') or v.depths, widths, stem_out, width_mult=width,
+                     group_width=overrides.get('group_width', 128))
+  for s in specs:
+    h_out = -(-h // s.stride)
+    macs += _conv_macs(h, h, 1, s.in_ch, s.width)
+    macs += _conv_macs(h_out, h_out, 3, s.width, s.width, s.groups)
+    if use_two_convs:
+      macs += _conv_macs(h_out, h_out, 3, s.width, s.width, s.groups)
+    macs += _conv_macs(h_out, h_out, 1, s.width, s.out_ch)
+    if s.use_projection:
+      macs += _conv_macs(h_out, h_out, 1, s.in_ch, s.out_ch)
+    hidden = max(1, int(s.out_ch * se_ratio))
+    macs += s.out_ch * hidden + hidden * s.out_ch
+    h = h_out
+  final_ch = overrides.get('final_conv_ch') or int(overrides.get('final_conv_mult', 2.0) * specs[-1].out_ch)
+  macs += _conv_macs(h, h, 1, specs[-1].out_ch, final_ch)
+  macs += final_ch * num_classes
+  return macs

@@ -1,0 +1,84 @@
+"""The NFNet optimizer: AGC -> coupled weight decay -> SGD with Nesterov momentum, warmup-cosine LR.
+
+Parameter groups come from names by one rule (the reference's `_make_opt`, spec §1.2), applied to Haiku's
+`{module_name: {param_name: array}}` tree:
+
+* gains and biases: `param_name` is `b`, `scale` or `offset`, or contains `gain` or `bias`
+  (WSConv `gain`/`bias`, `skip_gain`, every Linear `b`). They get no weight decay.
+* the classifier weight: any other param whose module name contains `linear` but not `squeeze_excite`
+  (for NFNet, only `NFNet/~/linear` `w`). It is the only param AGC leaves unclipped.
+"""
+import math
+from typing import Callable, Optional
+
+import haiku as hk
+import jax.numpy as jnp
+import optax
+
+from nfnets.agc import agc
+
+REFERENCE_BATCH = 256  # LR = base_lr * batch / 256
+
+
+def is_gain_or_bias(module_name: str, param_name: str) -> bool:
+  return (param_name in ('b', 'scale', 'offset') or 'gain' in param_name or 'bias' in param_name)
+
+
+def is_classifier_weight(module_name: str, param_name: str) -> bool:
+  return (not is_gain_or_bias(module_name, param_name) and 'linear' in module_name
+          and 'squeeze_excite' not in module_name)
+
+
+def weight_decay_mask(params):
+  """True for params that get weight decay: everything except gains and biases."""
+  return hk.data_structures.map(lambda m, n, p: not is_gain_or_bias(m, n), params)
+
+
+def agc_mask(params):
+  """True for params that AGC clips: everything except the classifier weight."""
+  return hk.data_structures.map(lambda m, n, p: not is_classifier_weight(m, n), params)
+
+
+def warmup_cosine_schedule(peak_lr: float, total_steps: int, warmup_steps: float,
+                           min_lr: float = 0.0) -> Callable:
+  """Linear warmup 0 -> peak over `warmup_steps` (a float, as the reference), then cosine to `min_lr`.
+
+  At 0-based step t: t*peak/warmup while t <= warmup, else
+  min + 0.5*(peak-min)*(1 + cos(pi*(t-warmup)/(total-warmup))). optax's warmup_cosine_decay_schedule
+  takes an integer warmup, which shifts every value of the reference's fractional-warmup schedule.
+  """
+  if total_steps <= warmup_steps:
+    raise ValueError(f'total_steps ({total_steps}) must exceed warmup_steps ({warmup_steps})')
+
+  def schedule(step):
+    t = jnp.asarray(step, jnp.float32)
+    warm = peak_lr * t / max(warmup_steps, 1e-12)
+    progress = (t - warmup_steps) / (total_steps - warmup_steps)
+    cos = min_lr + 0.5 * (peak_lr - min_lr) * (1 + jnp.cos(math.pi * progress))
+    return jnp.where(t <= warmup_steps, warm, cos)
+
+  return schedule
+
+
+def make_schedule(opt_config, batch_size: int, training_steps: int, num_train_examples: int) -> Callable:
+  """The LR schedule from a config: peak = base_lr * batch/256 (if scale_by_batch), warmup in epochs."""
+  peak = opt_config.base_lr * (batch_size / REFERENCE_BATCH if opt_config.scale_by_batch else 1.0)
+  warmup_steps = opt_config.warmup_epochs * num_train_examples / batch_size
+  return warmup_cosine_schedule(peak, training_steps, warmup_steps, opt_config.get('min_lr', 0.0))
+
+
+def make_optimizer(opt_config, schedule: Callable) -> optax.GradientTransformation:
+  """Chains AGC (masked), coupled weight decay (masked), SGD-Nesterov momentum and the LR schedule.
+
+  Args:
+    opt_config: `config.optimizer` (momentum, nesterov, weight_decay, agc.enabled/clipping/eps).
+  """
+  parts = []
+  if opt_config.agc.enabled:
+    parts.append(optax.masked(agc(opt_config.agc.clipping, opt_config.agc.eps), agc_mask))
+  if opt_config.weight_decay:
+    parts.append(optax.add_decayed_weights(opt_config.weight_decay, mask=weight_decay_mask))
+  if opt_config.momentum:
+    parts.append(optax.trace(decay=opt_config.momentum, nesterov=opt_config.nesterov))
+  parts.append(optax.scale_by_learning_rate(schedule))
+  return optax.chain(*parts)

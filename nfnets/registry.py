@@ -1,0 +1,68 @@
+"""One registry: model name -> constructor, train/test image size, dropout rate, RandAugment policy.
+
+Every other module (configs, data pipeline, benchmark, checkpoint import) reads these facts from here.
+"""
+import dataclasses
+from typing import Any, Callable, Dict
+
+from nfnets import nf_resnet, nfnet
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  name: str
+  constructor: Callable[..., Any]  # called as constructor(num_classes=..., **kwargs)
+  kwargs: Dict[str, Any]
+  train_size: int
+  test_size: int
+  drop_rate: float
+  ra_layers: int  # RandAugment layers; 0 disables RandAugment
+  ra_magnitude: int
+
+
+def _build() -> Dict[str, ModelSpec]:
+  specs = {}
+  for name, v in nfnet.VARIANTS.items():
+    specs[name] = ModelSpec(name, nfnet.NFNet, {'variant': name}, v.train_size, v.test_size, v.drop_rate,
+                            nfnet.RA_LAYERS, v.ra_magnitude)
+  # NF-ResNets of the AGC study: 224 px, standard ResNet augmentation (crop + flip), no dropout.
+  for variant in nf_resnet.DEPTHS:
+    name = 'nf_' + variant.lower()
+    specs[name] = ModelSpec(name, nf_resnet.NFResNet, {'variant': variant}, 224, 224, 0.0, 0, 0)
+  # A small NFNet with the F0 block design, for CPU demos and tests (not a paper model).
+  specs['nfnet_tiny'] = ModelSpec(
+      'nfnet_tiny', nfnet.NFNet,
+      {'variant': 'F0', 'depths': (1, 1, 1, 1), 'widths': (32, 64, 128, 128), 'group_width': 16,
+       'stem_widths': (8, 16, 16)},
+      32, 32, 0.0, 0, 0)
+  return specs
+
+
+MODELS: Dict[str, ModelSpec] = _build()
+
+
+def get_spec(name: str) -> ModelSpec:
+  if name not in MODELS:
+    raise ValueError(f'Unknown model {name!r}; accepted: {sorted(MODELS)}')
+  return MODELS[name]
+
+
+def create_model(name: str, num_classes: int = 1000, **overrides):
+  """Builds the Haiku module for a registry name; must be called inside `hk.transform`.
+
+  `overrides` replace constructor arguments (e.g. drop_rate, stochdepth_rate, conv_impl).
+  """
+  spec = get_spec(name)
+  kwargs = dict(spec.kwargs)
+  kwargs.setdefault('drop_rate', spec.drop_rate)
+  kwargs.update(overrides)
+  return spec.constructor(num_classes=num_classes, **kwargs)
+
+
+def count_flops(name: str, resolution: int, num_classes: int = 1000) -> int:
+  """Forward multiply-accumulates of a registered NFNet ('F0', 'F3+', 'nfnet_tiny', ...) at `resolution`."""
+  spec = get_spec(name)
+  if spec.constructor is not nfnet.NFNet:
+    raise ValueError(f'count_flops supports the NFNet family only, got {name!r}')
+  kwargs = {k: v for k, v in spec.kwargs.items() if k != 'variant'}
+  return nfnet.count_flops(spec.kwargs['variant'], resolution, num_classes, **kwargs)

@@ -1,0 +1,218 @@
+"""Model structure against the paper/reference numbers (spec §3), and signal propagation at init."""
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nfnets
+from nfnets import layers
+
+# (params at 1000 classes, MACs at test resolution, MACs at train resolution) from spec §3.1.
+NFNET_NUMBERS = {
+    'F0': (71_489_284, 12.38e9, 6.98e9),
+    'F1': (132_634_256, 35.54e9, 17.44e9),
+    'F2': (193_779_228, 62.59e9, 33.14e9),
+    'F3': (254_924_200, 114.76e9, 67.94e9),
+    'F4': (316_069_172, 215.24e9, 121.12e9),
+    'F5': (377_214_144, 289.76e9, 169.50e9),
+    'F6': (438_359_116, 377.28e9, 228.29e9),
+    'F7': (499_504_088, 478.78e9, 298.48e9),
+    'F0+': (118_824_516, 19.52e9, 11.00e9),
+    'F4+': (524_954_484, 333.39e9, 187.62e9),
+    'F6+': (728_019_468, 583.52e9, 353.10e9),
+    'F7+': (829_551_960, 740.16e9, 461.44e9),
+}
+NF_RESNET_PARAMS = {'nf_resnet50': 25_557_048, 'nf_resnet101': 44_549_193, 'nf_resnet152': 60_192_858,
+                    'nf_resnet200': 64_673_898}
+
+
+def param_shapes(name, num_classes=1000, size=64, **kw):
+  f = hk.transform(lambda x: nfnets.create_model(name, num_classes, **kw)(x, is_training=True))
+  return jax.eval_shape(f.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))
+
+
+def count(params):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize('variant', sorted(NFNET_NUMBERS))
+def test_nfnet_params_and_flops(variant):
+  n_params, test_macs, train_macs = NFNET_NUMBERS[variant]
+  assert count(param_shapes(variant)) == n_params
+  spec = nfnets.get_spec(variant)
+  assert round(nfnets.count_flops(variant, spec.test_size) / 1e7) == round(test_macs / 1e7)
+  assert round(nfnets.count_flops(variant, spec.train_size) / 1e7) == round(train_macs / 1e7)
+
+
+def test_f0_flops_exact():
+  assert nfnets.count_flops('F0', 256) == 12_384_198_656
+
+
+@pytest.mark.parametrize('name', sorted(NF_RESNET_PARAMS))
+def test_nf_resnet_params(name):
+  assert count(param_shapes(name)) == NF_RESNET_PARAMS[name]
+
+
+def test_f0_param_tree_matches_released_checkpoint_layout():
+  p = param_shapes('F0')
+  # 7 modules per block (block, conv0, conv1, conv1b, conv2, 2 SE linears) + 4 shortcuts + 4 stem +
+  # final_conv + linear = 7*12 + 10 (spec §1.10: F0 has 94 module entries).
+  assert len(p) == 94
+  expect = {
+      'NFNet/~/stem_conv0': {'w': (3, 3, 3, 16), 'gain': (16,), 'bias': (16,)},
+      'NFNet/~/stem_conv1': {'w': (3, 3, 16, 32), 'gain': (32,), 'bias': (32,)},
+      'NFNet/~/stem_conv2': {'w': (3, 3, 32, 64), 'gain': (64,), 'bias': (64,)},
+      'NFNet/~/stem_conv3': {'w': (3, 3, 64, 128), 'gain': (128,), 'bias': (128,)},
+      'NFNet/~/nf_block': {'skip_gain': ()},
+      'NFNet/~/nf_block/~/conv0': {'w': (1, 1, 128, 128), 'gain': (128,), 'bias': (128,)},
+      'NFNet/~/nf_block/~/conv1': {'w': (3, 3, 128, 128), 'gain': (128,), 'bias': (128,)},
+      'NFNet/~/nf_block/~/conv1b': {'w': (3, 3, 128, 128), 'gain': (128,), 'bias': (128,)},
+      'NFNet/~/nf_block/~/conv2': {'w': (1, 1, 128, 256), 'gain': (256,), 'bias': (256,)},
+      'NFNet/~/nf_block/~/conv_shortcut': {'w': (1, 1, 128, 256), 'gain': (256,), 'bias': (256,)},
+      'NFNet/~/nf_block/~/squeeze_excite/~/linear': {'w': (256, 128), 'b': (128,)},
+      'NFNet/~/nf_block/~/squeeze_excite/~/linear_1': {'w': (128, 256), 'b': (256,)},
+      'NFNet/~/nf_block_1/~/conv1': {'w': (3, 3, 128, 256), 'gain': (256,), 'bias': (256,)},
+      'NFNet/~/nf_block_1/~/conv_shortcut': {'w': (1, 1, 256, 512), 'gain': (512,), 'bias': (512,)},
+      'NFNet/~/nf_block_3/~/conv0': {'w': (1, 1, 512, 768), 'gain': (768,), 'bias': (768,)},
+      'NFNet/~/nf_block_3/~/conv1': {'w': (3, 3, 128, 768), 'gain': (768,), 'bias': (768,)},
+      'NFNet/~/nf_block_9/~/conv_shortcut': {'w': (1, 1, 1536, 1536), 'gain': (1536,), 'bias': (1536,)},
+      'NFNet/~/nf_block_11/~/squeeze_excite/~/linear_1': {'w': (768, 1536), 'b': (1536,)},
+      'NFNet/~/final_conv': {'w': (1, 1, 1536, 3072), 'gain': (3072,), 'bias': (3072,)},
+      'NFNet/~/linear': {'w': (3072, 1000), 'b': (1000,)},
+  }
+  for module, params in expect.items():
+    assert {k: v.shape for k, v in p[module].items()} == params, module
+  # Only the first block of each stage has a shortcut conv.
+  shortcuts = sorted(m for m in p if m.endswith('conv_shortcut'))
+  assert shortcuts == [f'NFNet/~/nf_block{s}/~/conv_shortcut' for s in ('', '_1', '_3', '_9')]
+
+
+def test_f0_betas_and_stochdepth_rates():
+  specs = nfnets.block_plan((1, 2, 6, 3), (256, 512, 1536, 1536), 128)
+  betas = [1.0, 0.980581, 0.980581, 0.962250, 0.980581, 0.962250, 0.944911, 0.928477, 0.912871,
+           0.898027, 0.980581, 0.962250]
+  np.testing.assert_allclose([s.beta for s in specs], betas, atol=1e-6)
+  np.testing.assert_allclose([s.stochdepth_rate for s in specs], [0.25 * i / 12 for i in range(12)])
+  assert [(s.width, s.groups) for s in specs if s.use_projection] == [(128, 1), (256, 2), (768, 6), (768, 6)]
+
+
+def test_registry_facts():
+  f3p = nfnets.get_spec('F3+')
+  assert (f3p.train_size, f3p.test_size, f3p.drop_rate, f3p.ra_layers, f3p.ra_magnitude) == (
+      320, 416, 0.4, 4, 15)
+  assert nfnets.get_spec('F0').ra_magnitude == 5 and nfnets.get_spec('F1').ra_magnitude == 10
+
+
+def _apply(name, x, num_classes=10, is_training=False, return_metrics=False, params=None, **kw):
+  f = hk.transform(lambda x: nfnets.create_model(name, num_classes, **kw)(
+      x, is_training=is_training, return_metrics=return_metrics))
+  if params is None:
+    params = f.init(jax.random.PRNGKey(0), x)
+  return params, f.apply(params, jax.random.PRNGKey(1), x)
+
+
+def test_forward_shapes_and_metrics():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
+  _, logits = _apply('nfnet_tiny', x)
+  assert logits.shape == (2, 10)
+  _, (logits, metrics) = _apply('nfnet_tiny', x, return_metrics=True)
+  assert set(metrics) == {'avg_sq_mean', 'avg_var', 'res_avg_var'}
+  assert all(v.shape == (4,) for v in metrics.values())
+  _, logits = _apply('nf_resnet26', x, drop_rate=0.1, is_training=True)
+  assert logits.shape == (2, 10)
+
+
+def test_blocks_are_identity_at_init():
+  """skip_gain = 0: a non-transition block's output equals its input exactly."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 32, 32, 3))
+  captured = []
+
+  def interceptor(method, args, kwargs, context):
+    out = method(*args, **kwargs)
+    if isinstance(context.module, nfnets.nfnet.NFBlock) and context.method_name == '__call__':
+      captured.append((context.module.spec, args[0], out[0]))
+    return out
+
+  def fwd(x):
+    with hk.intercept_methods(interceptor):
+      return nfnets.create_model('nfnet_tiny', 10, depths=(1, 3, 1, 1))(x, is_training=False)
+
+  f = hk.transform(fwd)
+  params = f.init(jax.random.PRNGKey(0), x)
+  captured.clear()
+  f.apply(params, None, x)
+  plain = [(a, b) for s, a, b in captured if not s.use_projection]
+  assert len(plain) == 2
+  for a, b in plain:
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_signal_propagation_follows_beta_rule():
+  """With skip gains set to 1 (a trained-like state), on unit-variance Gaussian inputs:
+
+  the first block (beta = 1) keeps unit variance on both paths, each later block of a stage adds
+  alpha^2 times its residual-branch variance, and the variance stays bounded with depth.
+  """
+  x = jax.random.normal(jax.random.PRNGKey(0), (16, 128, 128, 3))
+  kw = dict(depths=(1, 4, 1, 1), widths=(64, 128, 256, 256), group_width=16, stem_widths=(16, 32, 64))
+  f = hk.transform(lambda x: nfnets.NFNet(10, 'F0', **kw)(x, is_training=False, return_metrics=True))
+  params = f.init(jax.random.PRNGKey(0), x)
+  params = hk.data_structures.map(lambda m, n, p: jnp.ones_like(p) if n == 'skip_gain' else p, params)
+  _, metrics = f.apply(params, None, x)
+  var, res_var = np.asarray(metrics['avg_var']), np.asarray(metrics['res_avg_var'])
+  np.testing.assert_allclose([var[0], res_var[0]], 1.0, rtol=0.15)
+  # Stage 2 = blocks 1..4; blocks 2..4 are plain: var_i - var_{i-1} = alpha^2 * res_var_i.
+  np.testing.assert_allclose(np.diff(var[1:5]), 0.2 ** 2 * res_var[2:5], rtol=0.3)
+  assert (np.diff(var[1:5]) > 0).all()
+  assert var.max() < 1.2 and np.asarray(metrics['avg_sq_mean']).max() < 0.05
+
+
+def test_ws_conv_standardises_weights():
+  w = jax.random.normal(jax.random.PRNGKey(0), (3, 3, 8, 5)) * 3 + 1
+  gain = jnp.ones((5,))
+  w_hat = np.asarray(layers.standardize_weight(w, gain))
+  fan_in = 3 * 3 * 8
+  np.testing.assert_allclose(w_hat.reshape(-1, 5).mean(0), 0, atol=1e-6)
+  np.testing.assert_allclose(w_hat.reshape(-1, 5).var(0) * fan_in, 1, rtol=1e-4)
+  # NumPy reference formula: gain * (w - mean) / sqrt(max(fan_in * var, 1e-4))
+  wn = np.asarray(w).reshape(-1, 5)
+  ref = (wn - wn.mean(0)) / np.sqrt(np.maximum(wn.var(0) * fan_in, 1e-4))
+  np.testing.assert_allclose(w_hat.reshape(-1, 5), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_activation_gammas_preserve_variance():
+  x = jax.random.normal(jax.random.PRNGKey(0), (1_000_000,))
+  for name in ('relu', 'gelu', 'silu'):
+    y = layers.activation(name)(x)
+    assert abs(float(jnp.var(y)) - 1.0) < 0.02, name
+
+
+def test_stoch_depth_is_batchwise_and_unscaled():
+  x = jnp.ones((1000, 2, 2, 3))
+  f = hk.transform(lambda x, t: layers.StochDepth(0.3)(x, t))
+  y = np.asarray(f.apply({}, jax.random.PRNGKey(0), x, True))
+  per_example = y.reshape(1000, -1)
+  assert set(np.unique(per_example)) <= {0.0, 1.0}  # no 1/keep rescale
+  assert (per_example.min(1) == per_example.max(1)).all()  # whole example kept or dropped
+  assert abs(per_example[:, 0].mean() - 0.7) < 0.05
+  np.testing.assert_array_equal(np.asarray(f.apply({}, None, x, False)), np.asarray(x))
+
+
+@pytest.mark.parametrize('bad', [dict(name='F9'), dict(name='resnet50'), dict(num_classes=0)])
+def test_bad_model_arguments(bad):
+  kw = dict(name='F0', num_classes=10)
+  kw.update(bad)
+  with pytest.raises(ValueError, match=str(bad.get('name', bad.get('num_classes')))):
+    param_shapes(kw['name'], kw['num_classes'])
+
+
+def test_bad_image_rank():
+  with pytest.raises(ValueError, match='rank-4 NHWC'):
+    _apply('nfnet_tiny', jnp.zeros((32, 32, 3)))
+
+
+def test_unknown_variant_lists_accepted():
+  f = hk.transform(lambda x: nfnets.NFNet(10, variant='F9')(x, is_training=False))
+  with pytest.raises(ValueError, match="accepted: .*'F0'"):
+    f.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
