@@ -63,7 +63,7 @@ def test_agc_never_increases_norms_and_passes_small_grads():
     axes = tuple(range(g.ndim - 1)) if g.ndim >= 2 else None
     g_n, o_n = np.sqrt((g ** 2).sum(axis=axes)), np.sqrt((o ** 2).sum(axis=axes))
     assert np.all(o_n <= g_n * (1 + 1e-6))
-  tiny = jax.tree.map(lambda g: g * 1e-9, grads)
+  tiny = jax.tree.map(lambda g: jnp.asarray(g) * 1e-9, grads)
   out, _ = tx.update(tiny, tx.init(params), params)
   for k in params:
     np.testing.assert_array_equal(np.asarray(out[k]), np.asarray(tiny[k]))
