@@ -1,0 +1,75 @@
+"""The shared NFNet recipe (spec §1.1): every field is documented once, here.
+
+Variant files call `get_config(model_name)` and change only what differs. Fields left as None are filled
+from the model registry (`nfnets.registry`) or the dataset at run time, so no number lives in two places.
+"""
+import ml_collections
+from ml_collections import config_dict
+
+IMAGENET_TRAIN_EXAMPLES = 1_281_167
+
+
+def get_config(model_name: str = 'F0') -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.batch_size = 4096                 # global batch, split over processes x devices x grad_accum_steps
+  # 360 epochs at batch 4096 = 1281167 * 360 // 4096 (the reference's step count).
+  c.training_steps = IMAGENET_TRAIN_EXAMPLES * 360 // 4096
+  c.grad_accum_steps = 1              # micro-batches per optimizer step; the result equals one big batch
+  c.dtype = 'bfloat16'                # forward/backward dtype; params, optimizer state and EMA stay f32
+  c.seed = 0
+  c.label_smoothing = 0.1
+  c.ema_decay = 0.99999               # EMA decay t -> min(ema_decay, (1 + t) / (10 + t))
+  c.log_every = 100                   # steps between train-metric fetches (the only host syncs)
+  c.eval_every = 5000                 # steps between evals (and at the end); 0 disables periodic eval
+  c.checkpoint_every = 1000           # steps between checkpoints (and at the end)
+  c.keep_checkpoints = 3              # how many recent checkpoints to keep
+  c.eval_batch_size = 500             # global; the last batch is padded and masked
+  c.init_from = ''                    # a checkpoint or released weights to initialise params from
+  c.remat = False                     # jax.checkpoint each block: less memory, ~30% more compute
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = model_name           # a registry name: 'F0'..'F7', 'F0+'..'F7+', 'nf_resnet50', ...
+  c.model.num_classes = 1000
+  c.model.drop_rate = config_dict.placeholder(float)   # None: the variant's own rate (registry)
+  c.model.stochdepth_rate = 0.25      # rate of the last block; block i of N gets rate * i / N
+  c.model.conv_impl = 'auto'          # grouped-conv lowering: 'auto' (per backend), 'xla', 'split'
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.base_lr = 0.1           # LR per 256 images
+  c.optimizer.scale_by_batch = True   # peak LR = base_lr * batch_size / 256 (1.6 at 4096)
+  c.optimizer.momentum = 0.9
+  c.optimizer.nesterov = True
+  c.optimizer.weight_decay = 2e-5     # coupled L2, not on gains/biases/skip_gain
+  c.optimizer.warmup_epochs = 5.0     # linear warmup from 0, then cosine decay
+  c.optimizer.min_lr = 0.0            # the cosine's final value
+  c.optimizer.agc = ml_collections.ConfigDict()
+  c.optimizer.agc.enabled = True      # AGC on every param except the classifier weight
+  c.optimizer.agc.clipping = 0.01     # lambda
+  c.optimizer.agc.eps = 1e-3
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = 'imagenet2012'     # 'imagenet2012', any TFDS image dataset, 'folder', 'digits', 'fake'
+  c.dataset.data_dir = config_dict.placeholder(str)   # TFDS data_dir, or the root of an image folder
+  c.dataset.train_split = 'train'
+  c.dataset.eval_split = 'validation'
+  c.dataset.image_size = config_dict.placeholder(int)       # None: the model's train size (registry)
+  c.dataset.eval_image_size = config_dict.placeholder(int)  # None: the model's test size (registry)
+  c.dataset.eval_resize_pad = 32      # eval: resize to eval_image_size + pad, centre-crop (FixRes style)
+  c.dataset.shuffle_buffer = 10_000
+  c.dataset.augment = ml_collections.ConfigDict()
+  c.dataset.augment.random_crop = True          # Inception-style random resized crop
+  c.dataset.augment.crop_area_min = 0.08        # smallest crop area fraction
+  c.dataset.augment.random_flip = True
+  c.dataset.augment.mixup_alpha = 0.2           # MixUp on half the batch; 0 disables
+  c.dataset.augment.cutmix = True               # CutMix on the other half
+  c.dataset.augment.randaugment = True          # layers and magnitude from the registry unless set
+  c.dataset.augment.ra_layers = config_dict.placeholder(int)
+  c.dataset.augment.ra_magnitude = config_dict.placeholder(int)
+  return c
+
+
+def variant_config(variant: str, arg: str = '') -> ml_collections.ConfigDict:
+  """Config for NFNet-`variant`; the config argument 'plus' selects the '+' variant (configs/f3.py:plus)."""
+  if arg not in ('', 'plus'):
+    raise ValueError(f"Unknown config argument {arg!r}; accepted: '' or 'plus'")
+  return get_config(variant + '+' if arg == 'plus' else variant)
