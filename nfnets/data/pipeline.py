@@ -1,0 +1,206 @@
+"""Train and eval batch iterators: sharded per process, batched [local_devices, per_device, ...].
+
+Train (spec §1.5): shuffle -> crop/flip/resize -> MixUp/CutMix on 2x device batches -> RandAugment -> normalise.
+Eval (spec §1.7): square resize to S + pad, centre crop S, normalise; padded and masked to a common batch count.
+"""
+import dataclasses
+import math
+from typing import Iterator, Optional, Tuple
+
+from absl import logging
+import jax
+import numpy as np
+import tensorflow as tf
+
+from nfnets.data import mix, preprocess, randaugment, sources
+
+FAKE_NUM_CLASSES = 1000
+FAKE_NUM_TRAIN = 1_281_167   # ImageNet's, so epoch arithmetic matches the real run
+FAKE_NUM_EVAL = 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  num_classes: int
+  num_train_examples: int
+  num_eval_examples: int
+
+
+def dataset_info(ds_config) -> DatasetInfo:
+  if ds_config.name == 'fake':
+    return DatasetInfo(FAKE_NUM_CLASSES, FAKE_NUM_TRAIN, FAKE_NUM_EVAL)
+  source = sources.get_source(ds_config)
+  return DatasetInfo(source.num_classes, source.num_train, source.num_eval)
+
+
+def _process(index: Optional[int], count: Optional[int]) -> Tuple[int, int]:
+  index = jax.process_index() if index is None else index
+  count = jax.process_count() if count is None else count
+  if not 0 <= index < count:
+    raise ValueError(f'process_index={index} must be in [0, process_count={count})')
+  return index, count
+
+
+def _per_device_batch(global_batch_size: int, process_count: int, num_local_devices: int) -> int:
+  if num_local_devices < 1 or global_batch_size % (process_count * num_local_devices):
+    raise ValueError(f'global batch size {global_batch_size} must divide evenly over {process_count} processes '
+                     f'x {num_local_devices} local devices')
+  return global_batch_size // (process_count * num_local_devices)
+
+
+def _key(seed: int, process_index: int, stage: int, counter: tf.Tensor) -> tf.Tensor:
+  """Stateless RNG key for one element of one stage: independent per seed, process and stage."""
+  return tf.stack([tf.constant(seed * 1_000_003 + process_index * 8 + stage, tf.int64),
+                   tf.cast(counter, tf.int64)])
+
+
+def _options(ds: tf.data.Dataset) -> tf.data.Dataset:
+  options = tf.data.Options()
+  options.deterministic = True   # parallel maps keep the order, so a seed fixes the stream
+  options.experimental_optimization.map_parallelization = True
+  return ds.with_options(options)
+
+
+class BatchIterator:
+  """numpy batches from a tf.data pipeline; counts examples dropped because they could not be decoded.
+
+  `num_skipped`: unreadable files dropped when listing, plus decode failures seen so far (a file that fails
+  every epoch counts every epoch). A long run logs these and carries on.
+  """
+
+  def __init__(self, ds: tf.data.Dataset, num_invalid: int):
+    self._it = ds.as_numpy_iterator()
+    self._num_invalid = num_invalid
+    self.num_skipped = num_invalid
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    batch = next(self._it)
+    skipped = self._num_invalid + int(batch.pop('skipped').max())
+    if skipped > self.num_skipped:
+      logging.warning('Input pipeline: %d undecodable images skipped so far', skipped)
+      self.num_skipped = skipped
+    return batch
+
+
+def train_iterator(ds_config, *, global_batch_size: int, image_size: int, num_classes: int, ra_layers: int,
+                   ra_magnitude: int, seed: int, num_local_devices: int, process_index: Optional[int] = None,
+                   process_count: Optional[int] = None) -> Iterator[dict]:
+  """Infinite per-process train batches: images, soft `labels` (rows sum to 1), int `hard_labels`."""
+  index, count = _process(process_index, process_count)
+  bs = _per_device_batch(global_batch_size, count, num_local_devices)
+  aug = ds_config.augment
+  if ds_config.name == 'fake':
+    return _fake_train(bs, num_local_devices, image_size, num_classes, seed + index)
+  source = sources.get_source(ds_config)
+  if source.num_classes > num_classes:
+    raise ValueError(f'{ds_config.name!r} has {source.num_classes} classes but the model has {num_classes}')
+  use_mix = aug.mixup_alpha > 0 or aug.cutmix
+  use_ra = aug.randaugment and ra_layers > 0
+  if use_mix and bs < 2:
+    raise ValueError(f'MixUp/CutMix need at least 2 images per device, got {bs}')
+
+  ds, num_invalid = source.train(index, count)
+  ds = ds.shuffle(ds_config.shuffle_buffer, seed=seed * 1_000_003 + index, reshuffle_each_iteration=True)
+  ds = ds.repeat().enumerate()
+
+  def crop(position, ex):
+    image = preprocess.train_image(
+        ex['image'], _key(seed, index, 0, position), encoded=source.encoded, image_size=image_size,
+        random_crop=aug.random_crop, crop_area_min=aug.crop_area_min, random_flip=aug.random_flip)
+    return position, {'image': image, 'label': ex['label']}
+
+  ds = ds.map(crop, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors(log_warning=True)
+  # Positions run ahead of surviving elements by the number of decode failures so far.
+  ds = ds.enumerate().map(lambda k, pe: dict(pe[1], skipped=pe[0] - k))
+
+  if use_mix:
+    def mix_fn(step, b):
+      images, soft, hard = mix.mix_batch(b['image'], b['label'], _key(seed, index, 1, step),
+                                         num_classes=num_classes, mixup_alpha=aug.mixup_alpha,
+                                         use_cutmix=aug.cutmix)
+      return {'images': images, 'labels': soft, 'hard_labels': hard,
+              'skipped': tf.fill([bs], tf.reduce_max(b['skipped']))}
+    ds = ds.batch(2 * bs, drop_remainder=True).enumerate().map(mix_fn, num_parallel_calls=tf.data.AUTOTUNE)
+  else:
+    ds = ds.batch(bs, drop_remainder=True).map(lambda b: {
+        'images': b['image'], 'labels': tf.one_hot(b['label'], num_classes), 'hard_labels': b['label'],
+        'skipped': b['skipped']})
+
+  if use_ra:
+    def ra_fn(i, ex):
+      # RandAugment runs on the mixed image (augment_before_mix=False): clip, uint8, augment, back to float.
+      pixels = tf.cast(tf.clip_by_value(ex['images'], 0, 255), tf.uint8)
+      pixels = randaugment.randaugment(pixels, _key(seed, index, 2, i), ra_layers, ra_magnitude)
+      return dict(ex, images=tf.cast(pixels, tf.float32))
+    ds = ds.unbatch().enumerate().map(ra_fn, num_parallel_calls=tf.data.AUTOTUNE).batch(bs)
+
+  ds = ds.map(lambda b: dict(b, images=preprocess.normalize(b['images']),
+                             hard_labels=tf.cast(b['hard_labels'], tf.int32)))
+  ds = ds.batch(num_local_devices, drop_remainder=True).prefetch(2)
+  return BatchIterator(_options(ds), num_invalid)
+
+
+def eval_iterator(ds_config, *, global_batch_size: int, image_size: int, num_local_devices: int,
+                  process_index: Optional[int] = None, process_count: Optional[int] = None) -> Iterator[dict]:
+  """One pass over the eval split; the same number of batches on every process; `mask` 0 marks padding."""
+  index, count = _process(process_index, process_count)
+  bs = _per_device_batch(global_batch_size, count, num_local_devices)
+  per_process = bs * num_local_devices
+  if ds_config.name == 'fake':
+    return _fake_eval(bs, num_local_devices, image_size, index, count)
+  source = sources.get_source(ds_config)
+  sizes = source.eval_shard_sizes(count)
+  num_batches = math.ceil(max(sizes) / per_process)
+  ds, _ = source.eval(index, count)
+
+  def prep(ex):
+    image = preprocess.eval_image(ex['image'], encoded=source.encoded, image_size=image_size,
+                                  resize_pad=ds_config.eval_resize_pad)
+    return {'images': preprocess.normalize(image), 'labels': ex['label'], 'mask': tf.constant(1.0)}
+
+  ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors(log_warning=True)
+  pad = {'images': tf.zeros([image_size, image_size, 3]), 'labels': tf.constant(0, tf.int32),
+         'mask': tf.constant(0.0)}
+  # Padding to a fixed length keeps batch counts equal across processes even if a file fails to decode.
+  ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat()).take(num_batches * per_process)
+  ds = _options(ds.batch(bs).batch(num_local_devices).prefetch(2))
+  return _counted_eval(ds.as_numpy_iterator(), sizes[index])
+
+
+def _counted_eval(batches, expected: int) -> Iterator[dict]:
+  seen = 0
+  for batch in batches:
+    seen += int(batch['mask'].sum())
+    yield batch
+  if seen != expected:
+    logging.warning('Eval shard had %d examples but only %d decoded; %d skipped', expected, seen,
+                    expected - seen)
+
+
+def _fake_train(bs, num_devices, image_size, num_classes, seed) -> Iterator[dict]:
+  """Random normalised images and one-hot labels, no augmentation: the input never limits a benchmark."""
+  rng = np.random.RandomState(seed)
+  images = [rng.standard_normal((num_devices, bs, image_size, image_size, 3)).astype(np.float32)
+            for _ in range(2)]
+  step = 0
+  while True:
+    hard = rng.randint(0, num_classes, (num_devices, bs)).astype(np.int32)
+    yield {'images': images[step % 2], 'labels': np.eye(num_classes, dtype=np.float32)[hard],
+           'hard_labels': hard}
+    step += 1
+
+
+def _fake_eval(bs, num_devices, image_size, index, count) -> Iterator[dict]:
+  sizes = [sources.shard_range(FAKE_NUM_EVAL, i, count) for i in range(count)]
+  n = sizes[index][1] - sizes[index][0]
+  per_process = bs * num_devices
+  num_batches = math.ceil(max(e - s for s, e in sizes) / per_process)
+  rng = np.random.RandomState(index)
+  images = rng.standard_normal((num_devices, bs, image_size, image_size, 3)).astype(np.float32)
+  for b in range(num_batches):
+    mask = (np.arange(b * per_process, (b + 1) * per_process) < n).astype(np.float32)
+    yield {'images': images, 'labels': rng.randint(0, FAKE_NUM_CLASSES, (num_devices, bs)).astype(np.int32),
+           'mask': mask.reshape(num_devices, bs)}
