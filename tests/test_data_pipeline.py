@@ -1,0 +1,185 @@
+"""The input-pipeline contract: shapes per device, mixed targets, sizes per model, sharded eval, seeds, errors."""
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from configs import base
+from nfnets import data, registry
+from nfnets.data import mix, preprocess, sources
+
+
+def ds_config(name='digits', **augment):
+  c = base.get_config('F0').dataset
+  c.name = name
+  if name == 'digits':
+    c.train_split, c.eval_split = 'train', 'test'
+  c.shuffle_buffer = 100
+  c.augment.update(augment)
+  return c
+
+
+def train_batch(config, *, batch=8, size=32, devices=2, seed=0, ra=(4, 5), classes=10, **kw):
+  it = data.train_iterator(config, global_batch_size=batch, image_size=size, num_classes=classes,
+                           ra_layers=ra[0], ra_magnitude=ra[1], seed=seed, num_local_devices=devices, **kw)
+  return next(it)
+
+
+def unnormalize(images):
+  return images * np.array(preprocess.STDDEV_RGB) + np.array(preprocess.MEAN_RGB)
+
+
+def test_digits_info_and_fixed_split():
+  assert data.dataset_info(ds_config()) == data.DatasetInfo(10, 1437, 360)
+  a, b = sources.digits_arrays(), sources.digits_arrays()
+  np.testing.assert_array_equal(a['test'][1], b['test'][1])
+  assert a['train'][0].shape == (1437, 8, 8, 3) and a['train'][0].dtype == np.uint8
+  assert a['train'][0].max() == 255 and sorted(set(a['test'][1])) == list(range(10))
+
+
+@pytest.mark.parametrize('model', ['F0', 'F1'])
+def test_train_and_eval_sizes_per_model(model):
+  spec = registry.get_spec(model)
+  b = train_batch(ds_config(), size=spec.train_size)   # full F0 recipe: MixUp + CutMix + RandAugment
+  assert b['images'].shape == (2, 4, spec.train_size, spec.train_size, 3) and b['images'].dtype == np.float32
+  assert b['labels'].shape == (2, 4, 10) and b['labels'].dtype == np.float32
+  assert b['hard_labels'].shape == (2, 4) and b['hard_labels'].dtype == np.int32
+  np.testing.assert_allclose(b['labels'].sum(-1), 1, rtol=1e-6)
+  assert (b['labels'] >= 0).all() and ((b['labels'] > 0).sum(-1) <= 2).all()
+  e = next(data.eval_iterator(ds_config(), global_batch_size=4, image_size=spec.test_size, num_local_devices=2))
+  assert e['images'].shape == (2, 2, spec.test_size, spec.test_size, 3) and e['labels'].dtype == np.int32
+  assert e['mask'].shape == (2, 2) and e['mask'].dtype == np.float32
+
+
+def test_eval_preprocessing_is_square_resize_then_centre_crop():
+  image = tf.constant(np.random.RandomState(0).randint(0, 256, (50, 80, 3)), tf.uint8)
+  out = preprocess.eval_image(image, encoded=False, image_size=20, resize_pad=7).numpy()
+  full = tf.image.resize(image, [27, 27], method='bicubic').numpy()
+  np.testing.assert_allclose(out, full[4:24, 4:24])   # offset (7 + 1) // 2 = 4
+
+
+def test_train_crop_window_is_inside_image_with_inception_ranges():
+  for i in range(20):
+    y, x, h, w = preprocess.random_crop_window(tf.constant([300, 400, 3]), tf.constant([0, i], tf.int64),
+                                               224, 0.08).numpy()
+    assert 0 <= y and y + h <= 300 and 0 <= x and x + w <= 400
+    assert h * w >= 0.08 * 300 * 400 * 0.99 or (h, w) == (int(224 / 256 * 300),) * 2
+
+
+def test_mixup_and_cutmix_targets_match_the_pixels():
+  # Pairs of constant images 0 and 100: a mixed pixel tells which fraction came from the first image.
+  # With bs=4 and both on: MixUp pairs (0,2), (1,3); CutMix pairs (4,6), (5,7). First images are all 0.
+  images = tf.constant(np.repeat([0., 0., 100., 100.] * 2, 8 * 8 * 3).reshape(8, 8, 8, 3), tf.float32)
+  labels = tf.constant([0, 1, 2, 3, 4, 5, 6, 7])
+  out, soft, hard = mix.mix_batch(images, labels, tf.constant([3, 4], tf.int64), num_classes=10,
+                                  mixup_alpha=0.2, use_cutmix=True)
+  out, soft, hard = out.numpy(), soft.numpy(), hard.numpy()
+  np.testing.assert_array_equal(hard, [0, 1, 4, 5])
+  assert set(np.nonzero(soft)[1]) <= {0, 1, 2, 3, 4, 5, 6, 7}
+  np.testing.assert_allclose(soft[:, [2, 3, 6, 7]].max(0), 1 - soft[np.arange(4), hard], atol=1e-6)
+  first_weight = soft[np.arange(4), hard]
+  mixup_first = 1 - out[:2, 0, 0, 0] / 100          # r*0 + (1-r)*100
+  np.testing.assert_allclose(first_weight[:2], mixup_first, atol=1e-5)
+  cut_first = (out[2:, ..., 0] == 0).mean((1, 2))  # the box shows image 1
+  np.testing.assert_allclose(first_weight[2:], cut_first, atol=1e-6)
+  np.testing.assert_allclose(soft.sum(-1), 1, rtol=1e-6)
+  # Only one on: all bs pairs use it.
+  _, soft, hard = mix.mix_batch(images, labels, tf.constant([3, 4], tf.int64), num_classes=10, mixup_alpha=0.,
+                                use_cutmix=True)
+  np.testing.assert_array_equal(hard.numpy(), [0, 1, 2, 3])
+  with pytest.raises(ValueError, match='mixup_alpha'):
+    mix.mix_batch(images, labels, tf.constant([3, 4], tf.int64), num_classes=10, mixup_alpha=-1., use_cutmix=True)
+
+
+def test_no_mixing_gives_one_hot_targets():
+  b = train_batch(ds_config(mixup_alpha=0.0, cutmix=False), ra=(0, 0))
+  np.testing.assert_array_equal(b['labels'], np.eye(10)[b['hard_labels']])
+
+
+def test_seed_fixes_the_stream():
+  a, b = train_batch(ds_config(), seed=1, ra=(2, 9)), train_batch(ds_config(), seed=1, ra=(2, 9))
+  c = train_batch(ds_config(), seed=2, ra=(2, 9))
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k])
+  assert not np.array_equal(a['images'], c['images'])
+  d = train_batch(ds_config(), seed=1, ra=(2, 9), process_index=1, process_count=2)
+  assert not np.array_equal(a['images'][:, :2], d['images'][:, :2])   # processes see different data
+
+
+def eval_pass(config, count, index, batch=24, devices=2, size=16):
+  return list(data.eval_iterator(config, global_batch_size=batch, image_size=size, num_local_devices=devices,
+                                 process_index=index, process_count=count))
+
+
+@pytest.mark.parametrize('count', [2, 7])   # 360 / 7 leaves shards of 51 and 52 examples
+def test_eval_covers_every_example_once_with_equal_batch_counts(count):
+  config = ds_config()
+  reference = eval_pass(config, 1, 0, batch=24 * count)
+  real = lambda batches, key: np.concatenate([b[key][b['mask'] > 0] for b in batches])
+  passes = [eval_pass(config, count, i, batch=24 * count) for i in range(count)]
+  assert len({len(p) for p in passes}) == 1
+  for key in ('images', 'labels'):
+    np.testing.assert_array_equal(np.concatenate([real(p, key) for p in passes]), real(reference, key))
+  assert sum(p_b['mask'].sum() for p in passes for p_b in p) == 360
+  assert all(((b['mask'] == 0) <= (b['labels'] == 0)).all() for p in passes for b in p)
+
+
+def test_fake_data():
+  info = data.dataset_info(ds_config('fake'))
+  assert info.num_classes == 1000 and info.num_train_examples == 1_281_167
+  b = train_batch(ds_config('fake'), batch=8, size=24, classes=1000)
+  assert b['images'].shape == (2, 4, 24, 24, 3) and b['labels'].shape == (2, 4, 1000)
+  np.testing.assert_array_equal(b['labels'].argmax(-1), b['hard_labels'])
+  batches = eval_pass(ds_config('fake'), 3, 2, batch=48)
+  assert len(batches) == 21 and sum(b['mask'].sum() for b in batches) == 333
+
+
+def test_bad_inputs_raise_clear_errors():
+  with pytest.raises(ValueError, match="'nope'.*accepted.*digits"):
+    data.dataset_info(ds_config('nope'))
+  with pytest.raises(ValueError, match='10 must divide evenly over 1 processes x 4'):
+    train_batch(ds_config(), batch=10, devices=4)
+  with pytest.raises(ValueError, match='10 classes but the model has 5'):
+    train_batch(ds_config(), classes=5)
+  with pytest.raises(ValueError, match="digits split 'validation'"):
+    config = ds_config()
+    config.eval_split = 'validation'
+    data.dataset_info(config)
+  with pytest.raises(ValueError, match='process_index=2'):
+    train_batch(ds_config(), process_index=2, process_count=2)
+
+
+def test_imagenet_through_tfds_mock_data():
+  config = ds_config('imagenet2012')
+  config.data_dir = '/nonexistent/tfds'
+  with tfds.testing.mock_data(num_examples=12):
+    info = data.dataset_info(config)
+    assert info == data.DatasetInfo(1000, 12, 12)
+    b = train_batch(config, batch=4, size=40, classes=1000)
+    assert b['images'].shape == (2, 2, 40, 40, 3)
+    np.testing.assert_allclose(b['labels'].sum(-1), 1, rtol=1e-6)
+    batches = eval_pass(config, 1, 0, batch=8, size=24)
+    assert len(batches) == 2 and sum(x['mask'].sum() for x in batches) == 12
+    assert np.isfinite(batches[0]['images']).all() and batches[0]['images'].std() > 0.1
+
+
+def test_imagenet_missing_gives_instructions(tmp_path):
+  config = ds_config('imagenet2012')
+  config.data_dir = str(tmp_path)
+  with pytest.raises(FileNotFoundError, match=r'ILSVRC2012_img_train.tar.*downloads/manual'):
+    data.dataset_info(config)
+
+
+def test_prefetch_to_device_feeds_pmap_without_a_copy():
+  n = jax.local_device_count()
+  batches = [{'x': np.full((n, 2, 3), i, np.float32)} for i in range(4)]
+  on_device = list(data.prefetch_to_device(iter(batches), 2))
+  assert [float(b['x'][0, 0, 0]) for b in on_device] == [0., 1., 2., 3.]
+  x = on_device[1]['x']
+  before = [s.data.unsafe_buffer_pointer() for s in x.addressable_shards]
+  out = jax.pmap(lambda v: v + 1, donate_argnums=0)(x)
+  # The donated input buffers are reused in place: nothing was resharded or copied on the way in.
+  assert [s.data.unsafe_buffer_pointer() for s in out.addressable_shards] == before
+  with pytest.raises(ValueError, match='leading axis'):
+    next(data.prefetch_to_device(iter([{'x': np.zeros((n + 1, 2))}])))
