@@ -130,6 +130,7 @@ def test_fake_data():
   assert info.num_classes == 1000 and info.num_train_examples == 1_281_167
   b = train_batch(ds_config('fake'), batch=8, size=24, classes=1000)
   assert b['images'].shape == (2, 4, 24, 24, 3) and b['labels'].shape == (2, 4, 1000)
+  assert "skipped" not in b
   np.testing.assert_array_equal(b['labels'].argmax(-1), b['hard_labels'])
   batches = eval_pass(ds_config('fake'), 3, 2, batch=48)
   assert len(batches) == 21 and sum(b['mask'].sum() for b in batches) == 333
@@ -150,13 +151,15 @@ def test_bad_inputs_raise_clear_errors():
     train_batch(ds_config(), process_index=2, process_count=2)
 
 
-def test_imagenet_through_tfds_mock_data():
-  config = ds_config('imagenet2012')
-  config.data_dir = '/nonexistent/tfds'
+@pytest.mark.parametrize('name,classes,eval_split', [('imagenet2012', 1000, 'validation'),
+                                                     ('cifar10', 10, 'test')])   # JPEG and PNG records
+def test_tfds_through_mock_data(name, classes, eval_split):
+  config = ds_config(name)
+  config.data_dir, config.eval_split = '/nonexistent/tfds', eval_split
   with tfds.testing.mock_data(num_examples=12):
     info = data.dataset_info(config)
-    assert info == data.DatasetInfo(1000, 12, 12)
-    b = train_batch(config, batch=4, size=40, classes=1000)
+    assert info == data.DatasetInfo(classes, 12, 12)
+    b = train_batch(config, batch=4, size=40, classes=classes)
     assert b['images'].shape == (2, 2, 40, 40, 3)
     np.testing.assert_allclose(b['labels'].sum(-1), 1, rtol=1e-6)
     batches = eval_pass(config, 1, 0, batch=8, size=24)
@@ -183,3 +186,13 @@ def test_prefetch_to_device_feeds_pmap_without_a_copy():
   assert [s.data.unsafe_buffer_pointer() for s in out.addressable_shards] == before
   with pytest.raises(ValueError, match='leading axis'):
     next(data.prefetch_to_device(iter([{'x': np.zeros((n + 1, 2))}])))
+
+
+def test_shards_and_holdout_follow_the_reference():
+  for n, count in [(10, 3), (50_000, 8), (5, 7)]:
+    expected = [(int(a[0]), int(a[-1]) + 1) if len(a) else None for a in np.array_split(np.arange(n), count)]
+    got = [sources.shard_range(n, i, count) for i in range(count)]
+    assert [g if g[0] < g[1] else None for g in got] == expected
+  assert sources._tfds_split('imagenet2012', 'holdout') == 'train[:10000]'
+  assert sources._tfds_split('imagenet2012', 'train_holdout') == 'train[10000:]'
+  assert sources._tfds_split('imagenet2012', 'validation') == 'validation'

@@ -68,8 +68,8 @@ class BatchIterator:
   every epoch counts every epoch). A long run logs these and carries on.
   """
 
-  def __init__(self, ds: tf.data.Dataset, num_invalid: int):
-    self._it = ds.as_numpy_iterator()
+  def __init__(self, batches: Iterator[dict], num_invalid: int = 0):
+    self._it = batches
     self._num_invalid = num_invalid
     self.num_skipped = num_invalid
 
@@ -93,7 +93,7 @@ def train_iterator(ds_config, *, global_batch_size: int, image_size: int, num_cl
   bs = _per_device_batch(global_batch_size, count, num_local_devices)
   aug = ds_config.augment
   if ds_config.name == 'fake':
-    return _fake_train(bs, num_local_devices, image_size, num_classes, seed + index)
+    return BatchIterator(_fake_train(bs, num_local_devices, image_size, num_classes, seed + index))
   source = sources.get_source(ds_config)
   if source.num_classes > num_classes:
     raise ValueError(f'{ds_config.name!r} has {source.num_classes} classes but the model has {num_classes}')
@@ -140,7 +140,7 @@ def train_iterator(ds_config, *, global_batch_size: int, image_size: int, num_cl
   ds = ds.map(lambda b: dict(b, images=preprocess.normalize(b['images']),
                              hard_labels=tf.cast(b['hard_labels'], tf.int32)))
   ds = ds.batch(num_local_devices, drop_remainder=True).prefetch(2)
-  return BatchIterator(_options(ds), num_invalid)
+  return BatchIterator(_options(ds).as_numpy_iterator(), num_invalid)
 
 
 def eval_iterator(ds_config, *, global_batch_size: int, image_size: int, num_local_devices: int,
@@ -189,7 +189,7 @@ def _fake_train(bs, num_devices, image_size, num_classes, seed) -> Iterator[dict
   while True:
     hard = rng.randint(0, num_classes, (num_devices, bs)).astype(np.int32)
     yield {'images': images[step % 2], 'labels': np.eye(num_classes, dtype=np.float32)[hard],
-           'hard_labels': hard}
+           'hard_labels': hard, 'skipped': np.zeros(1, np.int64)}
     step += 1
 
 

@@ -29,7 +29,7 @@ ShardFn = Callable[[int, int], Tuple[tf.data.Dataset, int]]
 @dataclasses.dataclass(frozen=True)
 class Source:
   num_classes: int
-  num_train: int
+  num_train: int                  # for 'folder', files listed; unreadable ones are dropped (and counted) later
   num_eval: int
   encoded: bool                   # 'image' holds encoded bytes rather than decoded uint8 pixels
   train: ShardFn
