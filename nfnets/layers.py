@@ -160,14 +160,18 @@ def signal_metrics(x: jax.Array) -> dict:
   }
 
 
-def run_blocks(blocks, x, is_training: bool, return_metrics: bool):
+def run_blocks(blocks, x, is_training: bool, return_metrics: bool, remat: bool = False):
   """Applies residual blocks in order; collects per-block signal-propagation metrics when asked.
 
   Each block returns `(output, residual_branch_variance)`. Metrics are arrays of length len(blocks).
+  With `remat`, each block's activations are recomputed in the backward pass instead of stored.
   """
   metrics = {'avg_sq_mean': [], 'avg_var': [], 'res_avg_var': []}
   for block in blocks:
-    x, res_var = block(x, is_training)
+    if remat:
+      x, res_var = hk.remat(lambda h, b=block: b(h, is_training))(x)
+    else:
+      x, res_var = block(x, is_training)
     if return_metrics:
       for k, val in signal_metrics(x).items():
         metrics[k].append(val)

@@ -59,13 +59,17 @@ class NFResNet(hk.Module):
   """Normalizer-free pre-activation ResNet-26/50/101/152/200.
 
   Called as `model(images_nhwc, is_training, return_metrics=False)`, like `NFNet`.
+  `conv_impl` is accepted for a uniform interface with NFNet; NF-ResNets have no grouped convs.
   """
 
   def __init__(self, num_classes: int, variant: str = 'ResNet50', width: int = 4, alpha: float = 0.2,
                stochdepth_rate: float = 0.1, drop_rate: float = 0.0, activation: str = 'relu',
                use_se: bool = False, se_ratio: float = 0.25, fc_init=None,
-               depths: Optional[Sequence[int]] = None, name: str = 'NF_ResNet'):
+               depths: Optional[Sequence[int]] = None, conv_impl: str = 'auto', remat: bool = False,
+               name: str = 'NF_ResNet'):
     super().__init__(name=name)
+    self.remat = remat
+    del conv_impl
     if not isinstance(num_classes, int) or num_classes < 1:
       raise ValueError(f'num_classes must be an integer >= 1, got {num_classes!r}')
     if variant not in DEPTHS:
@@ -94,7 +98,7 @@ class NFResNet(hk.Module):
     layers.check_images(x)
     out = self.initial_conv(x)
     out = hk.max_pool(out, (1, 3, 3, 1), (1, 2, 2, 1), 'SAME')
-    out, metrics = layers.run_blocks(self.blocks, out, is_training, return_metrics)
+    out, metrics = layers.run_blocks(self.blocks, out, is_training, return_metrics, self.remat)
     pool = jnp.mean(self.act(out), axis=(1, 2))
     if is_training and self.drop_rate > 0:
       pool = hk.dropout(hk.next_rng_key(), self.drop_rate, pool)

@@ -144,6 +144,7 @@ class NFNet(hk.Module):
     stochdepth_rate: the rate of the last block (0.25 in the paper and the reference config).
     drop_rate: dropout before the classifier; None takes the variant's rate.
     conv_impl: grouped-conv lowering, see `nfnets.conv` ('auto' picks per backend).
+    remat: recompute each block's activations in the backward pass (jax.checkpoint) to save memory.
     width, depths, group_width, stem_widths: shape overrides for small research models; the
       defaults give the paper's variants.
   """
@@ -154,8 +155,9 @@ class NFNet(hk.Module):
                final_conv_ch: Optional[int] = None, use_two_convs: bool = True, conv_impl: str = 'auto',
                depths: Optional[Sequence[int]] = None, widths: Optional[Sequence[int]] = None,
                group_width: int = 128, stem_widths: Sequence[int] = STEM_WIDTHS,
-               name: str = 'NFNet'):
+               remat: bool = False, name: str = 'NFNet'):
     super().__init__(name=name)
+    self.remat = remat
     if not isinstance(num_classes, int) or num_classes < 1:
       raise ValueError(f'num_classes must be an integer >= 1, got {num_classes!r}')
     v = get_variant(variant)
@@ -184,7 +186,7 @@ class NFNet(hk.Module):
       out = conv(out)
       if i < len(self.stem_convs) - 1:  # no activation after the last stem conv
         out = self.act(out)
-    out, metrics = layers.run_blocks(self.blocks, out, is_training, return_metrics)
+    out, metrics = layers.run_blocks(self.blocks, out, is_training, return_metrics, self.remat)
     out = self.act(self.final_conv(out))
     pool = jnp.mean(out, axis=(1, 2))
     if is_training and self.drop_rate > 0:

@@ -1,0 +1,326 @@
+"""The NFNet experiment: train state, pmapped train/eval steps, EMA, accumulation, checkpoints and logs.
+
+This is the only module that knows models, data and optimizer together. Device code is written per device
+and mapped with `jax.pmap` over the axis `AXIS`; gradients are averaged across devices before AGC.
+"""
+import functools
+import signal
+import time
+from typing import Dict, Iterator
+
+from absl import logging
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import nfnets
+from nfnets import data as data_lib
+from nfnets import optim
+from nfnets import train_io
+from nfnets.train_state import TrainState, replicate, unreplicate
+
+AXIS = 'batch'  # the pmap axis name used by every collective
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+def check_batch_layout(batch_size: int, grad_accum_steps: int, process_count: int,
+                       local_devices: int) -> int:
+  """Returns the per-device micro-batch size; raises if the global batch does not split evenly."""
+  div = process_count * local_devices * grad_accum_steps
+  if batch_size < 1 or grad_accum_steps < 1 or batch_size % div:
+    raise ValueError(
+        f'batch_size={batch_size} must be divisible by processes ({process_count}) x local devices '
+        f'({local_devices}) x grad_accum_steps ({grad_accum_steps}) = {div}; '
+        f'try batch_size={max(div, batch_size // div * div)}')
+  return batch_size // div
+
+
+def soft_cross_entropy(logits, targets, label_smoothing: float):
+  """Mean softmax cross-entropy on (possibly mixed) soft targets, after label smoothing."""
+  num_classes = logits.shape[-1]
+  targets = targets * (1.0 - label_smoothing) + label_smoothing / num_classes
+  return jnp.mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), targets))
+
+
+def _cast_floats(tree, dtype):
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+class Experiment:
+  """Owns the train state and the compiled steps for one config.
+
+  Args:
+    config: a config from `configs/` (see configs/base.py for every field).
+    devices: the local devices to map over (default: all of them).
+  """
+
+  def __init__(self, config, devices=None):
+    self.config = config
+    self.devices = list(devices or jax.local_devices())
+    self.spec = nfnets.get_spec(config.model.name)
+    self.info = data_lib.dataset_info(config.dataset)
+    if config.model.num_classes < 1:
+      raise ValueError(f'model.num_classes must be >= 1, got {config.model.num_classes}')
+    if config.dtype not in ('float32', 'bfloat16', 'float16'):
+      raise ValueError(f"dtype {config.dtype!r} not in ('float32', 'bfloat16', 'float16')")
+    self.dtype = jnp.dtype(config.dtype)
+    self.image_size = config.dataset.image_size or self.spec.train_size
+    self.eval_image_size = config.dataset.eval_image_size or self.spec.test_size
+    self.local_devices = len(self.devices)
+    self.micro_batch = check_batch_layout(config.batch_size, config.grad_accum_steps,
+                                          jax.process_count(), self.local_devices)
+    self.per_device_batch = self.micro_batch * config.grad_accum_steps
+    self.net = hk.transform(self._forward)
+    self.schedule = optim.make_schedule(config.optimizer, config.batch_size, config.training_steps,
+                                        self.info.num_train_examples)
+    self.optimizer = optim.make_optimizer(config.optimizer, self.schedule)
+    self.train_step = jax.pmap(self._train_step, axis_name=AXIS, donate_argnums=(0,),
+                               devices=self.devices)
+    self.eval_step = jax.pmap(self._eval_step, axis_name=AXIS, devices=self.devices)
+
+  # ---------------------------------------------------------------- model
+  def _forward(self, images, is_training: bool):
+    m = self.config.model
+    overrides = dict(stochdepth_rate=m.stochdepth_rate, conv_impl=m.conv_impl, remat=self.config.remat)
+    if m.drop_rate is not None:
+      overrides['drop_rate'] = m.drop_rate
+    return nfnets.create_model(m.name, m.num_classes, **overrides)(images, is_training=is_training)
+
+  def init_params(self, rng):
+    dummy = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
+    return jax.jit(functools.partial(self.net.init, is_training=True))(rng, dummy)
+
+  def init_state(self) -> TrainState:
+    """A fresh replicated state: every device holds the same params (same init key)."""
+    init_rng, train_rng = jax.random.split(jax.random.PRNGKey(self.config.seed))
+    params = self.init_params(init_rng)
+    return self.state_from_params(params, train_rng)
+
+  def state_template(self) -> TrainState:
+    """An unreplicated host state of zeros with this run's structure, shapes and dtypes (no compute)."""
+    dummy = jax.ShapeDtypeStruct((1, self.image_size, self.image_size, 3), jnp.float32)
+    key = jax.random.PRNGKey(0)
+    params = jax.eval_shape(functools.partial(self.net.init, is_training=True), key, dummy)
+    zeros = lambda t: jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), t)
+    return TrainState(step=np.zeros((), np.int32), params=zeros(params),
+                      opt_state=zeros(jax.eval_shape(self.optimizer.init, params)),
+                      ema_params=zeros(params), rng=np.zeros(key.shape, key.dtype),
+                      bad_step=np.zeros((), np.int32))
+
+  def state_from_params(self, params, train_rng=None) -> TrainState:
+    if train_rng is None:
+      train_rng = jax.random.split(jax.random.PRNGKey(self.config.seed))[1]
+    params = jax.device_get(params)
+    host = TrainState(step=np.zeros((), np.int32), params=params,
+                      opt_state=jax.device_get(self.optimizer.init(params)),
+                      ema_params=params, rng=np.asarray(train_rng), bad_step=np.full((), -1, np.int32))
+    return replicate(host, self.local_devices)
+
+  # ---------------------------------------------------------------- steps (per device)
+  def _loss(self, params, images, targets, hard_labels, rng):
+    if self.dtype != jnp.float32:
+      params, images = _cast_floats(params, self.dtype), images.astype(self.dtype)
+    logits = self.net.apply(params, rng, images, True).astype(jnp.float32)
+    loss = soft_cross_entropy(logits, targets, self.config.label_smoothing)
+    top1 = jnp.mean(jnp.argmax(logits, -1) == hard_labels)
+    return loss, top1
+
+  def _train_step(self, state: TrainState, batch: Dict[str, jax.Array]):
+    cfg = self.config
+    step_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), jax.process_index())
+    step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(AXIS))
+    accum = cfg.grad_accum_steps
+    micro = jax.tree.map(lambda x: x.reshape((accum, -1) + x.shape[1:]), batch)
+    grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+
+    def micro_step(carry, xs):
+      i, mb = xs
+      (loss, top1), grads = grad_fn(state.params, mb['images'], mb['labels'], mb['hard_labels'],
+                                    jax.random.fold_in(step_rng, i))
+      g_acc, l_acc, t_acc = carry
+      return (jax.tree.map(jnp.add, g_acc, grads), l_acc + loss, t_acc + top1), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (grads, loss, top1), _ = jax.lax.scan(micro_step, (zeros, 0.0, 0.0), (jnp.arange(accum), micro))
+    # Equal micro-batches: the mean of micro-batch means is the big-batch mean. Average over devices
+    # before AGC so clipping sees the full-batch gradient.
+    grads, loss, top1 = jax.lax.pmean(jax.tree.map(lambda g: g / accum, (grads, loss, top1)), AXIS)
+
+    updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    t = state.step.astype(jnp.float32)
+    decay = jnp.minimum(cfg.ema_decay, (1.0 + t) / (10.0 + t))
+    ema_params = jax.tree.map(lambda e, p: e * decay + p * (1.0 - decay), state.ema_params, params)
+
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # A non-finite step leaves the state untouched and records the step, so no bad state is saved.
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_state = TrainState(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        ema_params=keep(ema_params, state.ema_params),
+        rng=state.rng,
+        bad_step=jnp.where((state.bad_step < 0) & ~finite, state.step, state.bad_step))
+    metrics = {'loss': loss, 'top1': top1, 'lr': self.schedule(state.step), 'grad_norm': grad_norm}
+    if cfg.optimizer.agc.enabled:
+      metrics['clip_fraction'] = nfnets.clip_fraction(
+          grads, state.params, cfg.optimizer.agc.clipping, cfg.optimizer.agc.eps,
+          mask=optim.agc_mask(state.params))
+    else:
+      metrics['clip_fraction'] = jnp.zeros(())
+    return new_state, metrics
+
+  def _eval_step(self, params, ema_params, batch):
+    """Sums over the global batch (psum) of correct top-1/top-5 and loss, for raw and EMA params."""
+    mask = batch['mask']
+    out = {'count': jax.lax.psum(jnp.sum(mask), AXIS)}
+    for prefix, p in (('', params), ('ema_', ema_params)):
+      logits = self.net.apply(p, None, batch['images'], False).astype(jnp.float32)
+      labels = batch['labels']
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+      top5 = jnp.any(jax.lax.top_k(logits, 5)[1] == labels[:, None], axis=-1)
+      top1 = jnp.argmax(logits, -1) == labels
+      for name, v in (('loss', loss), ('top1', top1), ('top5', top5)):
+        out[prefix + name] = jax.lax.psum(jnp.sum(v * mask), AXIS)
+    return out
+
+  # ---------------------------------------------------------------- host-side
+  def train_batches(self, start_step: int = 0) -> Iterator[dict]:
+    cfg = self.config
+    it = data_lib.train_iterator(
+        cfg.dataset, global_batch_size=cfg.batch_size, image_size=self.image_size,
+        num_classes=cfg.model.num_classes, ra_layers=self._ra_layers(),
+        ra_magnitude=cfg.dataset.augment.ra_magnitude or self.spec.ra_magnitude, seed=cfg.seed,
+        num_local_devices=self.local_devices)
+    if start_step:
+      # The data order is a pure function of the seed, so skipping restores the exact position.
+      logging.info('Skipping %d batches to restore the data position.', start_step)
+      for _ in range(start_step):
+        next(it)
+    return self._on_devices(it)
+
+  def _on_devices(self, it):
+    """Prefetches batches onto the devices; a subset of devices (tests) lets pmap place NumPy batches."""
+    if self.devices == jax.local_devices():
+      return data_lib.prefetch_to_device(it, 2)
+    return it
+
+  def _ra_layers(self) -> int:
+    aug = self.config.dataset.augment
+    if not aug.randaugment:
+      return 0
+    return aug.ra_layers if aug.ra_layers is not None else self.spec.ra_layers
+
+  def evaluate(self, state: TrainState) -> Dict[str, float]:
+    """Loss, top-1 and top-5 over the whole eval split, for the raw and the EMA params."""
+    cfg = self.config
+    check_batch_layout(cfg.eval_batch_size, 1, jax.process_count(), self.local_devices)
+    it = data_lib.eval_iterator(cfg.dataset, global_batch_size=cfg.eval_batch_size,
+                                image_size=self.eval_image_size, num_local_devices=self.local_devices)
+    totals = None
+    for batch in self._on_devices(it):
+      out = jax.device_get(unreplicate(self.eval_step(state.params, state.ema_params, batch)))
+      totals = out if totals is None else {k: totals[k] + out[k] for k in out}
+    if not totals or totals['count'] == 0:
+      raise ValueError(f'Eval split {cfg.dataset.eval_split!r} of {cfg.dataset.name!r} is empty')
+    n = totals.pop('count')
+    return {k: float(v / n) for k, v in totals.items()} | {'num_examples': int(n)}
+
+
+class Trainer:
+  """The training loop around an `Experiment`: checkpoints, logs, preemption and NaN handling."""
+
+  def __init__(self, experiment: Experiment, workdir: str):
+    self.xp, self.config, self.workdir = experiment, experiment.config, workdir
+    self.io = train_io.RunIO(workdir, self.config, experiment)
+    self._stop_requested = False
+
+  def _on_sigterm(self, signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM received: checkpointing at the end of this step, then exiting.')
+    self._stop_requested = True
+
+  def restore_or_init(self) -> TrainState:
+    state = self.io.restore(self.xp)
+    if state is None:
+      state = self.xp.init_state()
+      if self.config.init_from:
+        state = self.io.init_from(self.xp, self.config.init_from)
+    return state
+
+  def train(self) -> TrainState:
+    cfg, xp = self.config, self.xp
+    state = self.restore_or_init()
+    self.io.write_config()
+    step = int(unreplicate(state.step))
+    if step >= cfg.training_steps:
+      logging.info('Checkpoint is at step %d >= training_steps %d: nothing to train.', step,
+                   cfg.training_steps)
+      return state
+    previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+    try:
+      state = self._loop(state, step)
+    finally:
+      signal.signal(signal.SIGTERM, previous)
+      self.io.close()
+    return state
+
+  def _loop(self, state: TrainState, step: int) -> TrainState:
+    cfg, xp = self.config, self.xp
+    batches = xp.train_batches(step)
+    pending, t_last, step_last = [], time.time(), step
+    t_start, step_start = t_last, step
+    while step < cfg.training_steps:
+      state, metrics = xp.train_step(state, next(batches))
+      pending.append(metrics)
+      step += 1
+      last = step == cfg.training_steps
+      if step % cfg.log_every == 0 or last or self._stop_requested:
+        self._check_finite(state)
+        now = time.time()
+        summary = {k: float(np.mean(v)) for k, v in
+                   jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *pending)).items()}
+        summary['lr'] = float(np.asarray(jax.device_get(pending[-1]['lr']))[0])
+        summary['steps_per_sec'] = (step - step_last) / max(now - t_last, 1e-9)
+        summary['images_per_sec'] = summary['steps_per_sec'] * cfg.batch_size
+        self.io.log_train(step, summary, eta_s=(cfg.training_steps - step) * (now - t_start) /
+                          max(step - step_start, 1))
+        pending, t_last, step_last = [], now, step
+      if (cfg.eval_every and step % cfg.eval_every == 0) or last:
+        self.io.log_eval(step, xp.evaluate(state))
+      if step % cfg.checkpoint_every == 0 or last or self._stop_requested:
+        self._check_finite(state)
+        self.io.save(step, state)
+      if self._stop_requested:
+        logging.warning('Stopped at step %d after SIGTERM; the checkpoint is saved.', step)
+        break
+    return state
+
+  def _check_finite(self, state: TrainState):
+    bad = int(unreplicate(state.bad_step))
+    if bad >= 0:
+      self.io.close()
+      raise NonFiniteLossError(
+          f'Loss or gradient became NaN/Inf at step {bad}; training stopped. The last good checkpoint '
+          f'in {self.io.checkpoint_dir} is kept (latest step: {self.io.latest_step()}).')
+
+  def evaluate_checkpoint(self) -> Dict[str, float]:
+    """Evaluates the workdir's latest checkpoint (or `init_from` weights when the workdir has none)."""
+    state = self.io.restore(self.xp)
+    if state is None:
+      if not self.config.init_from:
+        raise FileNotFoundError(f'No checkpoint in {self.io.checkpoint_dir} and no config.init_from to '
+                                'evaluate; train first or pass --config.init_from=PATH')
+      state = self.io.init_from(self.xp, self.config.init_from)
+    step = int(unreplicate(state.step))
+    metrics = self.xp.evaluate(state)
+    self.io.log_eval(step, metrics)
+    self.io.close()
+    return metrics

@@ -1,0 +1,164 @@
+"""The pmapped train step: 1 vs 4 devices, accumulation vs big batch, resume vs uninterrupted, NaN stop."""
+import jax
+import numpy as np
+import pytest
+
+import experiment
+from configs import demo
+from nfnets.train_state import unreplicate
+
+
+def tiny_config(**kw):
+  c = demo.get_config()
+  c.dataset.name = 'digits'
+  c.batch_size = 16
+  c.training_steps = 20
+  c.eval_batch_size = 40
+  c.model.stochdepth_rate = 0.0  # deterministic forward, so device layouts can be compared exactly
+  c.model.conv_impl = 'xla'  # compiles faster; every lowering is tested equal in test_conv
+  c.model.drop_rate = 0.0
+  c.optimizer.warmup_epochs = 0.01
+  c.optimizer.base_lr = 0.4
+  c.log_every = 2
+  c.eval_every = 0
+  c.checkpoint_every = 3
+  for k, v in kw.items():
+    node = c
+    *path, last = k.split('.')
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c
+
+
+def fake_batch(n_devices, per_device, size=32, num_classes=10, seed=0):
+  rng = np.random.default_rng(seed)
+  images = rng.normal(size=(n_devices * per_device, size, size, 3)).astype(np.float32)
+  hard = rng.integers(0, num_classes, size=n_devices * per_device).astype(np.int32)
+  labels = np.eye(num_classes, dtype=np.float32)[hard]
+  # Mixed soft targets, as MixUp produces.
+  labels = 0.7 * labels + 0.3 * np.roll(labels, 1, axis=0)
+  split = lambda x: x.reshape((n_devices, per_device) + x.shape[1:])
+  return {'images': split(images), 'labels': split(labels), 'hard_labels': split(hard)}
+
+
+def run_steps(xp, steps=2, seed=0):
+  state = xp.init_state()
+  n = xp.local_devices
+  for i in range(steps):
+    state, metrics = xp.train_step(state, fake_batch(n, xp.per_device_batch, seed=seed + i))
+  return unreplicate(state), unreplicate(metrics)
+
+
+def assert_trees_close(a, b, rtol=2e-5, atol=2e-6):
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def test_one_device_equals_four_devices():
+  assert jax.local_device_count() == 4, 'run with XLA_FLAGS=--xla_force_host_platform_device_count=4'
+  cfg = tiny_config()
+  s1, m1 = run_steps(experiment.Experiment(cfg, devices=jax.local_devices()[:1]))
+  s4, m4 = run_steps(experiment.Experiment(cfg))
+  assert_trees_close(s1.params, s4.params)
+  assert_trees_close(s1.ema_params, s4.ema_params)
+  np.testing.assert_allclose(m1['loss'], m4['loss'], rtol=1e-5)
+  # The update actually moved the params (LR > 0 after the first step).
+  init = unreplicate(experiment.Experiment(cfg).init_state())
+  moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(s4.params),
+                                                          jax.tree.leaves(init.params)))
+  assert moved > 1e-4
+
+
+def test_accumulation_equals_big_batch():
+  devices = jax.local_devices()[:2]
+  big = experiment.Experiment(tiny_config(), devices=devices)
+  acc = experiment.Experiment(tiny_config(grad_accum_steps=4), devices=devices)
+  assert acc.micro_batch * 4 == big.micro_batch == 8
+  s_big, m_big = run_steps(big)
+  s_acc, m_acc = run_steps(acc)
+  assert_trees_close(s_big.params, s_acc.params)
+  np.testing.assert_allclose(m_big['grad_norm'], m_acc['grad_norm'], rtol=1e-5)
+  np.testing.assert_allclose(m_big['clip_fraction'], m_acc['clip_fraction'])
+
+
+def test_metrics_and_ema():
+  xp = experiment.Experiment(tiny_config(ema_decay=0.5), devices=jax.local_devices()[:1])
+  state0 = unreplicate(xp.init_state())
+  s, m = run_steps(xp, steps=1)
+  assert set(m) == {'loss', 'top1', 'lr', 'grad_norm', 'clip_fraction'}
+  assert 0 <= m['clip_fraction'] <= 1 and m['grad_norm'] > 0 and m['lr'] == 0.0  # LR is 0 at step 0
+  # EMA at t=0: decay = min(0.5, 1/10) = 0.1 -> ema = 0.1 * init + 0.9 * params
+  for e, p0, p in zip(jax.tree.leaves(s.ema_params), jax.tree.leaves(state0.params),
+                      jax.tree.leaves(s.params)):
+    np.testing.assert_allclose(e, 0.1 * p0 + 0.9 * p, rtol=1e-5, atol=1e-7)
+  assert int(s.step) == 1
+
+
+@pytest.mark.parametrize('batch,accum', [(10, 1), (16, 3), (0, 1)])
+def test_bad_batch_layout(batch, accum):
+  with pytest.raises(ValueError, match=f'batch_size={batch} must be divisible'):
+    experiment.Experiment(tiny_config(batch_size=batch, grad_accum_steps=accum))
+
+
+def _train(cfg, workdir, stop_after=None):
+  xp = experiment.Experiment(cfg, devices=jax.local_devices()[:2])
+  trainer = experiment.Trainer(xp, str(workdir))
+  if stop_after is not None:
+    step_fn, calls = xp.train_step, []
+
+    def counting_step(state, batch):
+      calls.append(1)
+      if len(calls) == stop_after:
+        trainer._on_sigterm(None, None)  # what a preemption's SIGTERM does
+      return step_fn(state, batch)
+
+    xp.train_step = counting_step
+  return unreplicate(trainer.train()), trainer
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+  cfg = tiny_config(training_steps=8, checkpoint_every=100)
+  full, _ = _train(cfg, tmp_path / 'full')
+  part, trainer = _train(cfg, tmp_path / 'resumed', stop_after=5)
+  assert int(part.step) == 5 and trainer.io.latest_step() == 5  # checkpoint written on SIGTERM
+  resumed, _ = _train(cfg, tmp_path / 'resumed')
+  assert int(resumed.step) == 8
+  for a, b in zip(jax.tree.leaves((full.params, full.ema_params, full.opt_state)),
+                  jax.tree.leaves((resumed.params, resumed.ema_params, resumed.opt_state))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_incompatible_workdir_is_refused(tmp_path):
+  cfg = tiny_config(training_steps=3)
+  _train(cfg, tmp_path)
+  other = tiny_config(training_steps=6)
+  other.model.num_classes = 7
+  with pytest.raises(ValueError, match='incompatible.*num_classes 10'):
+    _train(other, tmp_path)
+
+
+def test_nan_stops_training_and_keeps_good_checkpoint(tmp_path):
+  cfg = tiny_config(training_steps=30, checkpoint_every=1, log_every=1)
+  cfg.optimizer.agc.enabled = False
+  cfg.optimizer.base_lr = 1e30
+  with pytest.raises(experiment.NonFiniteLossError, match='NaN/Inf at step') as err:
+    _train(cfg, tmp_path)
+  xp = experiment.Experiment(cfg, devices=jax.local_devices()[:2])
+  trainer = experiment.Trainer(xp, str(tmp_path))
+  last = trainer.io.latest_step()
+  assert last is not None and last < 30 and f'latest step: {last}' in str(err.value)
+  state = unreplicate(trainer.io.restore(xp))
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
+
+
+def test_eval_counts_every_example(tmp_path):
+  cfg = tiny_config(eval_batch_size=64)  # the digits test split is not a multiple of 64
+  xp = experiment.Experiment(cfg, devices=jax.local_devices()[:2])
+  metrics = xp.evaluate(xp.init_state())
+  from nfnets import data
+  assert metrics['num_examples'] == data.dataset_info(cfg.dataset).num_eval_examples
+  for k in ('top1', 'top5', 'ema_top1', 'ema_top5'):
+    assert 0.0 <= metrics[k] <= 1.0
+  assert metrics['top1'] == metrics['ema_top1']  # EMA == params at init
