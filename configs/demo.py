@@ -8,12 +8,12 @@ from configs import base
 def get_config():
   c = base.get_config('nfnet_tiny')
   c.batch_size = 128
-  c.training_steps = 1000
+  c.training_steps = 2000
   c.dtype = 'float32'
   c.ema_decay = 0.999
-  c.log_every = 50
-  c.eval_every = 250
-  c.checkpoint_every = 250
+  c.log_every = 100
+  c.eval_every = 500
+  c.checkpoint_every = 500
   c.eval_batch_size = 200
   c.model.num_classes = 10
   c.model.stochdepth_rate = 0.1

@@ -96,7 +96,8 @@ class RunIO:
     # orbax returns plain containers; rebuild the optimizer-state structure from the template.
     restored['opt_state'] = jax.tree.unflatten(jax.tree.structure(target['opt_state']),
                                                jax.tree.leaves(restored['opt_state']))
-    return replicate(TrainState(**{k: restored[k] for k in STATE_FIELDS}), experiment.local_devices)
+    return experiment.put(replicate(TrainState(**{k: restored[k] for k in STATE_FIELDS}),
+                                    experiment.local_devices))
 
   def init_from(self, experiment, path: str):
     """A fresh state whose params (and EMA) come from `path`; see `load_init_params`."""

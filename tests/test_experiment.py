@@ -46,7 +46,7 @@ def run_steps(xp, steps=2, seed=0):
   state = xp.init_state()
   n = xp.local_devices
   for i in range(steps):
-    state, metrics = xp.train_step(state, fake_batch(n, xp.per_device_batch, seed=seed + i))
+    state, metrics = xp.train_step(state, xp.put(fake_batch(n, xp.per_device_batch, seed=seed + i)))
   return unreplicate(state), unreplicate(metrics)
 
 

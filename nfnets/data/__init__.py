@@ -21,12 +21,16 @@ def device_sharding() -> jax.sharding.NamedSharding:
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('devices'))
 
 
-def prefetch_to_device(iterator, size: int = 2) -> Iterator:
-  """Yields each batch already on the local devices, `size` batches ahead, so copies overlap compute."""
+def prefetch_to_device(iterator, size: int = 2, sharding: jax.sharding.Sharding = None) -> Iterator:
+  """Yields each batch already on the local devices, `size` batches ahead, so copies overlap compute.
+
+  `sharding` should be the one the consuming pmap uses (its mesh axis named as the pmap axis): a batch
+  placed with another sharding makes pmap compile a second program for it.
+  """
   if size < 1:
     raise ValueError(f'prefetch size must be >= 1, got {size}')
-  sharding = device_sharding()
-  num_devices = len(jax.local_devices())
+  sharding = sharding or device_sharding()
+  num_devices = len(sharding.device_set)
 
   def put(x):
     if x.shape[:1] != (num_devices,):
