@@ -207,15 +207,25 @@ class Experiment:
 
   # ---------------------------------------------------------------- host-side
   def train_batches(self, start_step: int = 0) -> Iterator[dict]:
+    """Device batches from step `start_step` on.
+
+    On resume, `dataset.exact_resume` replays the stream up to `start_step` (the order is a pure function
+    of the seed, so the run continues exactly as an uninterrupted one; cheap for small data). Otherwise the
+    stream is reseeded from (seed, start_step): statistically the same, but not the same examples, and
+    no time is spent re-decoding millions of ImageNet images.
+    """
     cfg = self.config
+    seed = cfg.seed
+    if start_step and not cfg.dataset.exact_resume:
+      seed = int(np.random.SeedSequence([cfg.seed, start_step]).generate_state(1)[0] % (2 ** 31))
+      logging.info('Resuming the data stream with a fresh seed %d (dataset.exact_resume=False).', seed)
     it = data_lib.train_iterator(
         cfg.dataset, global_batch_size=cfg.batch_size, image_size=self.image_size,
         num_classes=cfg.model.num_classes, ra_layers=self._ra_layers(),
-        ra_magnitude=cfg.dataset.augment.ra_magnitude or self.spec.ra_magnitude, seed=cfg.seed,
+        ra_magnitude=cfg.dataset.augment.ra_magnitude or self.spec.ra_magnitude, seed=seed,
         num_local_devices=self.local_devices)
-    if start_step:
-      # The data order is a pure function of the seed, so skipping restores the exact position.
-      logging.info('Skipping %d batches to restore the data position.', start_step)
+    if start_step and cfg.dataset.exact_resume:
+      logging.info('Replaying %d batches to restore the exact data position.', start_step)
       for _ in range(start_step):
         next(it)
     return self._on_devices(it)

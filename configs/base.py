@@ -56,6 +56,9 @@ def get_config(model_name: str = 'F0') -> ml_collections.ConfigDict:
   c.dataset.eval_image_size = config_dict.placeholder(int)  # None: the model's test size (registry)
   c.dataset.eval_resize_pad = 32      # eval: resize to eval_image_size + pad, centre-crop (FixRes style)
   c.dataset.shuffle_buffer = 10_000
+  # On resume: True replays the stream to the exact position (identical to an uninterrupted run, but
+  # re-decodes every skipped image); False reseeds the stream from (seed, step), which is instant.
+  c.dataset.exact_resume = False
   c.dataset.augment = ml_collections.ConfigDict()
   c.dataset.augment.random_crop = True          # Inception-style random resized crop
   c.dataset.augment.crop_area_min = 0.08        # smallest crop area fraction

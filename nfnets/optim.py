@@ -11,6 +11,7 @@ Parameter groups come from names by one rule (the reference's `_make_opt`, spec 
 import math
 from typing import Callable, Optional
 
+from absl import logging
 import haiku as hk
 import jax.numpy as jnp
 import optax
@@ -47,13 +48,16 @@ def warmup_cosine_schedule(peak_lr: float, total_steps: int, warmup_steps: float
   min + 0.5*(peak-min)*(1 + cos(pi*(t-warmup)/(total-warmup))). optax's warmup_cosine_decay_schedule
   takes an integer warmup, which shifts every value of the reference's fractional-warmup schedule.
   """
+  if total_steps < 1 or warmup_steps < 0:
+    raise ValueError(f'Need total_steps >= 1 and warmup_steps >= 0, got {total_steps}, {warmup_steps}')
   if total_steps <= warmup_steps:
-    raise ValueError(f'total_steps ({total_steps}) must exceed warmup_steps ({warmup_steps})')
+    logging.warning('training_steps (%d) <= warmup steps (%.1f): the LR never leaves warmup.',
+                    total_steps, warmup_steps)
 
   def schedule(step):
     t = jnp.asarray(step, jnp.float32)
     warm = peak_lr * t / max(warmup_steps, 1e-12)
-    progress = (t - warmup_steps) / (total_steps - warmup_steps)
+    progress = (t - warmup_steps) / max(total_steps - warmup_steps, 1e-12)
     cos = min_lr + 0.5 * (peak_lr - min_lr) * (1 + jnp.cos(math.pi * progress))
     return jnp.where(t <= warmup_steps, warm, cos)
 

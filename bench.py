@@ -1,0 +1,234 @@
+"""Times the experiment's own train (or eval) step: compile time, median step time, images/s, FLOP/s, MFU.
+
+  python bench.py --config=configs/f0.py --batch_size=8 --resolution=192 --dtype=float32 --steps=5
+  python bench.py --config=configs/f0.py --variant=auto,xla      # lowerings side by side, one process
+  python bench.py --config=configs/f0.py --mode=eval --json=/tmp/eval.json
+
+The step timed is `Experiment.train_step` (pmapped, state donated) on one device, fed batches placed with
+`Experiment.put`, so it compiles and runs exactly as in training. Several comma-separated --variant values
+(conv lowerings, see nfnets/conv.py) are compiled in the same process and timed round-robin, so a noisy
+shared machine slows them alike.
+
+Memory: `peak_memory_bytes` is the process's peak resident set (getrusage ru_maxrss) at the end of the
+run, so it covers Python, TensorFlow, the state, the compiled step and its buffers. It describes one variant
+only when one is benchmarked; `xla_memory_bytes` is XLA's own estimate for each compiled step
+(arguments + outputs + temporaries - donated aliases). Before running, that estimate is compared with the
+machine's available memory and a variant that cannot fit stops with a message naming the memory needed.
+"""
+import json
+import resource
+import statistics
+import sys
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+
+import experiment
+import nfnets
+from nfnets import conv as conv_lib
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/f0.py', 'A config file from configs/.')
+_VARIANT = flags.DEFINE_string('variant', 'auto',
+                               f'Conv lowering(s), comma-separated; each of {conv_lib.IMPLS}.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'Time the train step or the eval step.')
+_BATCH = flags.DEFINE_integer('batch_size', 8, 'Global batch size.')
+_RES = flags.DEFINE_integer('resolution', None, 'Image size (default: the model\'s train/test size).')
+_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16', 'float16'], 'Compute dtype.')
+_STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps per variant, after the warm-up.')
+_WARMUP = flags.DEFINE_integer('warmup', 1, 'Untimed steps per variant after compiling.')
+_REMAT = flags.DEFINE_bool('remat', None, 'Override config.remat (recompute blocks in the backward).')
+_JSON = flags.DEFINE_string('json', None, 'Write the results here as JSON.')
+_PEAK_N = flags.DEFINE_integer('peak_matmul_n', 2048, 'Size of the square matmul that measures peak.')
+
+
+class DoesNotFitError(RuntimeError):
+  pass
+
+
+def available_memory_bytes() -> int:
+  """MemAvailable from /proc/meminfo (Linux); a very large number where it cannot be read."""
+  try:
+    with open('/proc/meminfo') as f:
+      for line in f:
+        if line.startswith('MemAvailable:'):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return 1 << 62
+
+
+def peak_rss_bytes() -> int:
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return rss if sys.platform == 'darwin' else rss * 1024
+
+
+def xla_memory_bytes(compiled) -> int:
+  """XLA's estimate of a compiled program's memory: arguments + outputs + temporaries - aliased."""
+  m = compiled.memory_analysis()
+  if isinstance(m, (list, tuple)):
+    m = m[0]
+  if m is None:
+    return 0
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+             + m.generated_code_size_in_bytes - m.alias_size_in_bytes)
+
+
+def check_fits(needed: int, label: str, available: int = None):
+  available = available_memory_bytes() if available is None else available
+  if needed > available:
+    raise DoesNotFitError(
+        f'{label} needs about {needed / 2**30:.2f} GiB (XLA estimate of the compiled step), but only '
+        f'{available / 2**30:.2f} GiB is available. Reduce --batch_size or --resolution, or pass '
+        f'--remat.')
+
+
+def measure_matmul_peak(dtype, n: int, repeats: int = 5) -> float:
+  """FLOP/s of a dense n x n x n matmul on the default device: the MFU denominator."""
+  a = jnp.ones((n, n), dtype)
+  b = jnp.ones((n, n), dtype) / n
+  f = jax.jit(lambda a, b: a @ b)
+  f(a, b).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a, b).block_until_ready()
+    times.append(time.perf_counter() - t)
+  return 2 * n ** 3 / min(times)
+
+
+def make_config(base, variant: str, batch_size: int, resolution, dtype: str, remat):
+  c = base.copy_and_resolve_references()
+  c.batch_size = batch_size
+  c.grad_accum_steps = 1
+  c.dtype = dtype
+  c.model.conv_impl = variant
+  c.dataset.name = 'fake'  # no files; the batch is synthetic
+  # The recipe's step count is for batch 4096; at a small batch the warm-up alone would exceed it.
+  c.training_steps = 1 << 30
+  if resolution:
+    c.dataset.image_size = resolution
+    c.dataset.eval_image_size = resolution
+  if remat is not None:
+    c.remat = remat
+  return c
+
+
+def synthetic_batch(xp, mode: str):
+  rng = np.random.default_rng(0)
+  n, b = xp.local_devices, xp.per_device_batch
+  size = xp.image_size if mode == 'train' else xp.eval_image_size
+  k = xp.config.model.num_classes
+  images = rng.normal(size=(n, b, size, size, 3)).astype(np.float32)
+  hard = rng.integers(0, k, size=(n, b)).astype(np.int32)
+  if mode == 'eval':
+    return xp.put({'images': images, 'labels': hard, 'mask': np.ones((n, b), np.float32)})
+  return xp.put({'images': images, 'labels': np.eye(k, dtype=np.float32)[hard], 'hard_labels': hard})
+
+
+class Runner:
+  """One variant: its experiment, compiled step, state and batch."""
+
+  def __init__(self, config, variant: str, mode: str):
+    self.variant, self.mode = variant, mode
+    self.xp = experiment.Experiment(config, devices=jax.local_devices()[:1])
+    self.batch = synthetic_batch(self.xp, mode)
+    self.state = self.xp.init_state()
+    t = time.perf_counter()
+    if mode == 'train':
+      lowered = self.xp.train_step.lower(self.state, self.batch)
+    else:
+      lowered = self.xp.eval_step.lower(self.state.params, self.state.ema_params, self.batch)
+    self.compiled = lowered.compile()
+    self.compile_time_s = time.perf_counter() - t
+    self.xla_memory_bytes = xla_memory_bytes(self.compiled)
+    self.times = []
+
+  def step(self):
+    """Runs one step and waits for it (the bench syncs each step to time it; training does not)."""
+    t = time.perf_counter()
+    if self.mode == 'train':
+      self.state, metrics = self.compiled(self.state, self.batch)
+    else:
+      metrics = self.compiled(self.state.params, self.state.ema_params, self.batch)
+    jax.block_until_ready(metrics)
+    if self.mode == 'train':
+      jax.block_until_ready(self.state)
+    return time.perf_counter() - t
+
+
+def run(config, variants, mode='train', batch_size=8, resolution=None, dtype='float32', steps=5,
+        warmup=1, remat=None, peak_matmul_n=2048, log=print):
+  """Benchmarks each variant; returns one result dict per variant (keys as documented in the module)."""
+  for v in variants:
+    conv_lib.resolve_impl(v, 2)  # validates the name before any compile
+  runners = []
+  for v in variants:
+    cfg = make_config(config, v, batch_size, resolution, dtype, remat)
+    r = Runner(cfg, v, mode)
+    log(f'[{v}] compiled in {r.compile_time_s:.1f} s; XLA memory estimate '
+        f'{r.xla_memory_bytes / 2**30:.2f} GiB')
+    check_fits(r.xla_memory_bytes, f'{cfg.model.name} {mode} step ({v}, batch {batch_size})')
+    runners.append(r)
+  for r in runners:
+    for _ in range(warmup):
+      r.step()
+  for _ in range(steps):  # round-robin, so load changes hit every variant alike
+    for r in runners:
+      r.times.append(r.step())
+  peak = measure_matmul_peak(jnp.dtype(dtype), peak_matmul_n)
+  rss = peak_rss_bytes()
+  results = []
+  for r in runners:
+    xp = r.xp
+    size = xp.image_size if mode == 'train' else xp.eval_image_size
+    macs = nfnets.count_flops(xp.config.model.name, size, xp.config.model.num_classes)
+    # Train: forward + two backward products = 3 x 2 x MACs per image. Eval: raw and EMA forwards.
+    flops_per_image = (6 if mode == 'train' else 4) * macs
+    step_time = statistics.median(r.times)
+    ips = batch_size / step_time
+    results.append({
+        'model': xp.config.model.name, 'mode': mode, 'variant': r.variant,
+        'resolved_impl_grouped': conv_lib.resolve_impl(r.variant, 2),
+        'backend': jax.default_backend(), 'batch_size': batch_size, 'resolution': size, 'dtype': dtype,
+        'remat': bool(xp.config.remat), 'steps': steps,
+        'compile_time_s': r.compile_time_s, 'step_time_s': step_time,
+        'step_times_s': r.times, 'images_per_sec': ips,
+        'flops_per_image': flops_per_image, 'flops_per_sec': ips * flops_per_image,
+        'peak_flops_per_sec': peak, 'mfu': ips * flops_per_image / peak,
+        'peak_memory_bytes': rss, 'xla_memory_bytes': r.xla_memory_bytes,
+    })
+  return results
+
+
+def main(argv):
+  del argv
+  variants = [v.strip() for v in _VARIANT.value.split(',') if v.strip()]
+  try:
+    results = run(_CONFIG.value, variants, _MODE.value, _BATCH.value, _RES.value, _DTYPE.value,
+                  _STEPS.value, _WARMUP.value, _REMAT.value, _PEAK_N.value)
+  except DoesNotFitError as e:
+    print(f'bench.py: {e}', file=sys.stderr)
+    sys.exit(2)
+  for r in results:
+    print(f"{r['model']} {r['mode']} [{r['variant']}] batch {r['batch_size']} @ {r['resolution']} px "
+          f"{r['dtype']}: compile {r['compile_time_s']:.1f} s, step {r['step_time_s']:.3f} s (median of "
+          f"{r['steps']}), {r['images_per_sec']:.2f} img/s, {r['flops_per_sec'] / 1e9:.1f} GFLOP/s, "
+          f"MFU {r['mfu']:.1%} of {r['peak_flops_per_sec'] / 1e9:.0f} GFLOP/s matmul, peak RSS "
+          f"{r['peak_memory_bytes'] / 2**30:.2f} GiB, XLA estimate {r['xla_memory_bytes'] / 2**30:.2f} GiB")
+  if len(results) > 1:
+    base = results[0]
+    for r in results[1:]:
+      print(f"{r['variant']} / {base['variant']} step time: {r['step_time_s'] / base['step_time_s']:.2f}x")
+  if _JSON.value:
+    out = results[0] if len(results) == 1 else {'results': results, **results[0]}
+    with open(_JSON.value, 'w') as f:
+      json.dump(out, f, indent=1)
+
+
+if __name__ == '__main__':
+  app.run(main)
