@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Sequence
 
 from absl import app
 from absl import flags
+from absl import logging
 
 IMAGENET_CLASSES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'nfnets', 'imagenet_classes.txt')
 SPEC_RESIZE_PAD = 32   # spec §1.7: resize to S + 32, centre crop S
@@ -228,6 +229,7 @@ def format_text(results: List[Dict]) -> str:
 
 
 def main(argv):
+  logging.set_verbosity(logging.ERROR)  # orbax logs every restore, and warns about read-only use
   paths = argv[1:]
   if not paths:
     raise app.UsageError('Give one or more image files: python predict.py --weights=PATH IMAGE [IMAGE ...]')

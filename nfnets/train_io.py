@@ -153,6 +153,7 @@ def read_weights(path: str):
   (pickle), our flat .npz, or a timm state dict (.safetensors / .pth)."""
   from nfnets import checkpoint  # pylint: disable=g-import-not-at-top
   if os.path.isdir(path):
+    path = os.path.abspath(path)  # orbax refuses relative checkpoint paths
     ckpt_dir = os.path.join(path, 'checkpoints') if os.path.isdir(os.path.join(path, 'checkpoints')) else path
     with ocp.CheckpointManager(ckpt_dir, item_names=('state', 'meta'),
                                options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
