@@ -160,6 +160,19 @@ def signal_metrics(x: jax.Array) -> dict:
   }
 
 
+def residual_join(branch, shortcut, alpha: float, stoch_depth: 'StochDepth', is_training: bool):
+  """Ends a residual block: `shortcut + alpha * skip_gain * stochdepth(branch)`.
+
+  Called inside a block's `__call__`, so `skip_gain` (a scalar initialised to 0, making every block the
+  identity at init) belongs to that block. Also returns the branch variance for signal-propagation plots.
+  """
+  res_avg_var = jnp.mean(jnp.var(branch, axis=(0, 1, 2)))
+  if 0 < stoch_depth.drop_rate < 1:
+    branch = stoch_depth(branch, is_training)
+  skip_gain = hk.get_parameter('skip_gain', (), branch.dtype, init=jnp.zeros)
+  return branch * skip_gain * alpha + shortcut, res_avg_var
+
+
 def run_blocks(blocks, x, is_training: bool, return_metrics: bool, remat: bool = False):
   """Applies residual blocks in order; collects per-block signal-propagation metrics when asked.
 

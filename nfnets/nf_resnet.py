@@ -29,7 +29,6 @@ class NFResBlock(hk.Module):
     super().__init__(name=name)
     self.in_ch, self.out_ch, self.stride = in_ch, out_ch, stride
     self.beta, self.alpha, self.act = beta, alpha, act
-    self.stochdepth_rate = stochdepth_rate
     width = int(out_ch * 0.25)
     self.conv0 = layers.WSConv2D(width, 1, name='conv0')
     self.conv1 = layers.WSConv2D(width, 3, stride=stride, name='conv1')
@@ -48,11 +47,7 @@ class NFResBlock(hk.Module):
     out = self.conv2(self.act(out))
     if self.se is not None:
       out = (self.se(out) * 2) * out
-    res_avg_var = jnp.mean(jnp.var(out, axis=(0, 1, 2)))
-    if 0 < self.stochdepth_rate < 1:
-      out = self.stoch_depth(out, is_training)
-    skip_gain = hk.get_parameter('skip_gain', (), out.dtype, init=jnp.zeros)
-    return out * skip_gain * self.alpha + shortcut, res_avg_var
+    return layers.residual_join(out, shortcut, self.alpha, self.stoch_depth, is_training)
 
 
 class NFResNet(hk.Module):

@@ -126,11 +126,7 @@ class NFBlock(hk.Module):
       out = self.conv1b(self.act(out))
     out = self.conv2(self.act(out))
     out = (self.se(out) * 2) * out
-    res_avg_var = jnp.mean(jnp.var(out, axis=(0, 1, 2)))
-    if 0 < s.stochdepth_rate < 1:
-      out = self.stoch_depth(out, is_training)
-    skip_gain = hk.get_parameter('skip_gain', (), out.dtype, init=jnp.zeros)
-    return out * skip_gain * self.alpha + shortcut, res_avg_var
+    return layers.residual_join(out, shortcut, self.alpha, self.stoch_depth, is_training)
 
 
 class NFNet(hk.Module):
