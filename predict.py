@@ -22,6 +22,7 @@ line in label order (a `synset<TAB>name` line shows the name). Without names, cl
 """
 import json
 import os
+import re
 import sys
 from typing import Dict, List, Optional, Sequence
 
@@ -95,6 +96,8 @@ class Predictor:
     run = _run_config(weights)
     params = train_io.read_weights(weights)
     model = model or run.get('model', {}).get('name')
+    if model is None:  # detect with the file's own class count, so a wrong --num_classes lists mismatches
+      model = checkpoint.validate(params, None, None, source=weights)
     self.model = checkpoint.validate(params, model, num_classes, source=weights)
     self.num_classes = checkpoint._num_classes(params) if num_classes is None else num_classes  # pylint: disable=protected-access
     spec = registry.get_spec(self.model)
@@ -133,8 +136,10 @@ def _decode_bytes(data: bytes, path: str):
         im.convert('RGB').save(out, format='PNG')
       return out.getvalue()
     except Exception:  # pylint: disable=broad-except
-      first = str(tf_error).strip().splitlines()[0] if str(tf_error).strip() else type(tf_error).__name__
-      raise ImageError(f'{path}: not a readable image ({len(data)} bytes; {first})') from None
+      # TF's message reads '{{function_node ...}} Invalid PNG. ... [Op:DecodeImage]': keep the middle.
+      why = re.sub(r'\{\{.*?\}\}|\[Op:\w+\]', '', str(tf_error)).strip().splitlines()
+      raise ImageError(f'{path}: not a readable image ({len(data)} bytes; '
+                       f'{why[0] if why else type(tf_error).__name__})') from None
 
 
 def load_images(paths: Sequence[str], image_size: int, resize_pad: int, skip_bad: bool = False):

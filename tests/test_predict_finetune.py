@@ -1,0 +1,256 @@
+"""predict.py on generated images, and fine-tuning from a checkpoint with another class count."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+from PIL import Image
+import pytest
+
+import experiment
+import predict
+from configs import demo, finetune
+from nfnets import checkpoint
+from nfnets.train_state import TrainState, replicate, unreplicate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLASSIFIER = 'NFNet/~/linear'
+
+
+def _env():
+  return dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', JAX_PLATFORMS='cpu')
+
+
+# ---------------------------------------------------------------------------------------------------- predict
+
+def random_params(model, num_classes, seed=0):
+  """Random params of a registry model's shapes, without compiling its init (gains 1, the rest N(0, 0.1))."""
+  rng = np.random.default_rng(seed)
+  return {m: {n: (np.ones(shape, np.float32) if 'gain' in n else
+                  rng.normal(0, 0.1, shape).astype(np.float32)) for n, shape in ps.items()}
+          for m, ps in checkpoint.expected_shapes(model, num_classes).items()}
+
+
+@pytest.fixture(scope='module')
+def tiny_weights(tmp_path_factory):
+  """A 1000-class nfnet_tiny exported as a flat .npz."""
+  path = str(tmp_path_factory.mktemp('weights') / 'tiny.npz')
+  checkpoint.export_npz(random_params('nfnet_tiny', 1000), path)
+  return path
+
+
+@pytest.fixture(scope='module')
+def images(tmp_path_factory):
+  """RGB/grayscale/RGBA PNGs and JPEGs of different sizes, and one file that is not an image."""
+  d = tmp_path_factory.mktemp('images')
+  rng = np.random.default_rng(0)
+  specs = [('rgb.png', 'RGB', (50, 40)), ('rgb.jpg', 'RGB', (64, 48)), ('gray.png', 'L', (33, 33)),
+           ('gray.jpg', 'L', (40, 70)), ('rgba.png', 'RGBA', (20, 30))]
+  paths = []
+  for name, mode, (w, h) in specs:
+    channels = {'RGB': 3, 'L': 1, 'RGBA': 4}[mode]
+    pixels = rng.integers(0, 256, (h, w, channels), dtype=np.uint8)
+    Image.fromarray(pixels[..., 0] if channels == 1 else pixels, mode).save(d / name)
+    paths.append(str(d / name))
+  (d / 'corrupt.png').write_bytes(b'\x89PNG\r\n\x1a\n' + b'garbage' * 10)
+  return paths, str(d / 'corrupt.png')
+
+
+def test_class_list_ships_1000_imagenet_names():
+  with open(predict.IMAGENET_CLASSES, encoding='utf-8') as f:
+    lines = f.read().splitlines()
+  assert len(lines) == 1000
+  synsets = [line.split('\t')[0] for line in lines]
+  assert synsets == sorted(synsets) and len(set(synsets)) == 1000  # ILSVRC index order is sorted synsets
+  names = predict.read_class_names(None, 1000)
+  assert names[0] == 'tench, Tinca tinca' and names[281] == 'tabby, tabby cat'
+  assert names[999] == 'toilet tissue, toilet paper, bathroom tissue' and len(set(names)) == 1000
+  assert predict.read_class_names(None, 10) is None
+
+
+def test_predict_generated_images(tiny_weights, images):
+  paths, _ = images
+  p = predict.Predictor(tiny_weights, conv_impl='xla')
+  assert (p.model, p.num_classes, p.image_size, p.resize_pad) == ('nfnet_tiny', 1000, 32, 32)
+  names = predict.read_class_names(None, p.num_classes)
+  results = predict.predict(p, paths, top=5, class_names=names, batch_size=4)  # 2 batches, the last padded
+  assert [r['image'] for r in results] == paths
+  for r in results:
+    probs = [t['probability'] for t in r['top']]
+    assert len(r['top']) == 5
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-5
+    assert all(t['label'] == names[t['index']] for t in r['top'])
+  # The same image alone (unpadded batch of one) gives the same probabilities.
+  alone = predict.predict(p, paths[:1], top=5, class_names=names)[0]
+  np.testing.assert_allclose([t['probability'] for t in alone['top']],
+                             [t['probability'] for t in results[0]['top']], rtol=1e-4, atol=1e-6)
+  text = predict.format_text(results)
+  assert text.splitlines()[0] == paths[0] and text.splitlines()[1].startswith('  1. 0.')
+
+
+def test_predict_bad_inputs(tiny_weights, images, tmp_path):
+  paths, corrupt = images
+  p = predict.Predictor(tiny_weights, conv_impl='xla')
+  missing = str(tmp_path / 'nope.jpg')
+  with pytest.raises(predict.ImageError) as err:
+    predict.predict(p, [paths[0], missing, corrupt])
+  assert '2 of 3 images' in str(err.value) and 'nope.jpg: no such file' in str(err.value)
+  assert 'corrupt.png: not a readable image (78 bytes; Invalid PNG' in str(err.value)
+  kept = predict.predict(p, [missing, paths[0], corrupt], skip_bad=True)
+  assert [r['image'] for r in kept] == [paths[0]]
+  # Wrong variant / class count, missing, truncated weights.
+  with pytest.raises(checkpoint.CheckpointError, match=r"match model 'F0'.*has 4 blocks, 'F0' has 12"):
+    predict.Predictor(tiny_weights, model='F0')
+  with pytest.raises(checkpoint.CheckpointError, match='(?s)num_classes=10.*wrong shape: NFNet/~/linear/w'):
+    predict.Predictor(tiny_weights, num_classes=10)
+  with pytest.raises(FileNotFoundError, match='no-weights.npz'):
+    predict.Predictor(str(tmp_path / 'no-weights.npz'))
+  truncated = tmp_path / 'truncated.npz'
+  with open(tiny_weights, 'rb') as f:
+    truncated.write_bytes(f.read()[:5000])
+  with pytest.raises(checkpoint.CheckpointError, match='truncated or corrupt'):
+    predict.Predictor(str(truncated))
+  with pytest.raises(ValueError, match='3 class names but the model has 1000'):
+    (tmp_path / 'three.txt').write_text('a\nb\nc\n')
+    predict.read_class_names(str(tmp_path / 'three.txt'), 1000)
+
+
+def test_predict_cli(tiny_weights, images, tmp_path):
+  paths, _ = images
+  classes = tmp_path / 'classes.txt'
+  classes.write_text(''.join(f'n{i:08d}\tthing {i}\n' for i in range(1000)))
+  proc = subprocess.run([sys.executable, 'predict.py', f'--weights={tiny_weights}', '--top=3', '--json',
+                         f'--classes={classes}', '--conv_impl=xla', *paths[:2]],
+                        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout)
+  assert [r['image'] for r in out] == paths[:2]
+  assert all(len(r['top']) == 3 and r['top'][0]['label'] == f"thing {r['top'][0]['index']}" for r in out)
+  # A missing image fails before the weights are read, with the file named.
+  proc = subprocess.run([sys.executable, 'predict.py', f'--weights={tiny_weights}', paths[0], 'missing.png'],
+                        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1 and 'missing.png: no such file' in proc.stderr and not proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------------- fine-tune
+
+def small_config(num_classes, **kw):
+  c = demo.get_config()
+  c.batch_size = 16
+  c.training_steps = 2
+  c.eval_batch_size = 40
+  c.log_every = 1
+  c.eval_every = 0
+  c.checkpoint_every = 1
+  c.model.num_classes = num_classes
+  c.model.stochdepth_rate = 0.0
+  c.model.drop_rate = 0.0
+  c.model.conv_impl = 'xla'
+  c.optimizer.warmup_epochs = 0.01
+  for k, v in kw.items():
+    setattr(c, k, v)
+  return c
+
+
+def xp_of(config):
+  return experiment.Experiment(config, devices=jax.local_devices()[:1])
+
+
+@pytest.fixture(scope='module')
+def source_run(tmp_path_factory):
+  """A run's workdir holding a 7-class nfnet_tiny checkpoint at step 2 whose EMA params differ from its params.
+
+  Written by the run's own RunIO.save from arrays made on the host (no compile).
+  """
+  workdir = str(tmp_path_factory.mktemp('source'))
+  xp = xp_of(small_config(7))
+  params, ema = random_params('nfnet_tiny', 7, seed=1), random_params('nfnet_tiny', 7, seed=2)
+  state = TrainState(step=np.asarray(2, np.int32), params=params,
+                     opt_state=jax.device_get(xp.optimizer.init(params)), ema_params=ema,
+                     rng=np.asarray(jax.random.PRNGKey(0)), bad_step=np.asarray(-1, np.int32))
+  trainer = experiment.Trainer(xp, workdir)
+  trainer.io.save(2, replicate(state, 1))
+  trainer.io.close()
+  return workdir, ema
+
+
+def _assert_nothing_written(workdir):
+  xp = xp_of(small_config(10))
+  assert experiment.Trainer(xp, workdir).io.latest_step() is None
+  assert not os.path.exists(os.path.join(workdir, 'config.json'))
+
+
+def test_finetune_from_checkpoint_with_other_class_count(source_run, tmp_path):
+  src, src_ema = source_run
+  cfg = small_config(10, init_from=src)
+  xp = xp_of(cfg)
+  trainer = experiment.Trainer(xp, str(tmp_path))
+  start = unreplicate(trainer.restore_or_init())
+  fresh = unreplicate(xp.init_state())
+  assert int(start.step) == 0
+  assert np.shape(src_ema[CLASSIFIER]['w'])[-1] == 7 and np.shape(start.params[CLASSIFIER]['w'])[-1] == 10
+  for module in start.params:
+    for name, x in start.params[module].items():
+      want = fresh.params[module][name] if module == CLASSIFIER else src_ema[module][name]
+      np.testing.assert_array_equal(x, want, err_msg=f'{module}/{name}')
+      np.testing.assert_array_equal(start.ema_params[module][name], want)
+  # Two steps on digits; stopping as on a preemption skips the end-of-run eval (and its compile).
+  step_fn, calls = xp.train_step, []
+
+  def counting_step(state, batch):
+    calls.append(1)
+    if len(calls) == 2:
+      trainer._on_sigterm(None, None)  # pylint: disable=protected-access
+    return step_fn(state, batch)
+
+  xp.train_step = counting_step
+  end = unreplicate(trainer.train())
+  assert int(end.step) == 2 and trainer.io.latest_step() == 2
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(end.params))
+  moved = np.abs(end.params[CLASSIFIER]['w'] - fresh.params[CLASSIFIER]['w']).max()
+  assert moved > 0
+  with open(tmp_path / 'metrics.jsonl') as f:
+    records = [json.loads(line) for line in f]
+  assert [r['step'] for r in records if r['kind'] == 'train'] == [1, 2]
+  with open(tmp_path / 'config.json') as f:
+    assert json.load(f)['init_from'] == src
+
+
+def test_finetune_bad_init_from_writes_nothing(source_run, tmp_path):
+  src, src_ema = source_run
+  cases = {}
+  cases['missing'] = (str(tmp_path / 'missing.npz'), FileNotFoundError, 'missing.npz')
+  cases['empty_dir'] = (str(tmp_path / 'empty'), FileNotFoundError, 'No checkpoint found')
+  os.makedirs(tmp_path / 'empty')
+  flat = tmp_path / 'src.npz'
+  checkpoint.export_npz(src_ema, flat)
+  with open(flat, 'rb') as f:
+    data = f.read()
+  (tmp_path / 'truncated.npz').write_bytes(data[:len(data) // 2])
+  cases['truncated'] = (str(tmp_path / 'truncated.npz'), checkpoint.CheckpointError, 'truncated or corrupt')
+  wrong = {m: dict(ps) for m, ps in src_ema.items()}
+  wrong['NFNet/~/final_conv']['w'] = np.zeros((1, 1, 128, 64), np.float32)
+  checkpoint.export_npz(wrong, tmp_path / 'wrong.npz')
+  cases['wrong_shape'] = (str(tmp_path / 'wrong.npz'), ValueError, r'do not fit.*final_conv/w: shape')
+  for name, (path, error, message) in cases.items():
+    workdir = str(tmp_path / f'run_{name}')
+    trainer = experiment.Trainer(xp_of(small_config(10, init_from=path)), workdir)
+    with pytest.raises(error, match=message):
+      trainer.train()
+    _assert_nothing_written(workdir)
+
+
+def test_finetune_config():
+  c = finetune.get_config()
+  assert (c.batch_size, c.training_steps, c.optimizer.base_lr, c.optimizer.scale_by_batch) == (2048, 15000, 0.1,
+                                                                                                False)
+  assert (c.optimizer.weight_decay, c.model.drop_rate, c.model.stochdepth_rate) == (1e-5, 0.25, 0.1)
+  assert c.optimizer.warmup_epochs * c.transfer.num_train_examples / c.batch_size == pytest.approx(5000)
+  d = finetune.get_config('digits')
+  d.lock()
+  d.batch_size = 64  # the warmup stays transfer.warmup_steps long
+  assert d.optimizer.warmup_epochs * 1437 / 64 == pytest.approx(d.transfer.warmup_steps)
+  with pytest.raises(ValueError, match='Unknown config argument'):
+    finetune.get_config('flowers')
