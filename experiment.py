@@ -82,9 +82,14 @@ class Experiment:
     self.schedule = optim.make_schedule(config.optimizer, config.batch_size, config.training_steps,
                                         self.info.num_train_examples)
     self.optimizer = optim.make_optimizer(config.optimizer, self.schedule)
+    # pmap's `devices` must list every process's devices: given only the local ones, a multi-process
+    # pmap reduces over this process alone and the processes silently diverge. None maps over all.
+    if jax.process_count() > 1 and self.devices != jax.local_devices():
+      raise ValueError(f'A multi-process run maps over all local devices; got devices={self.devices}')
+    pmap_devices = self.devices if jax.process_count() == 1 else None
     self.train_step = jax.pmap(self._train_step, axis_name=AXIS, donate_argnums=(0,),
-                               devices=self.devices)
-    self.eval_step = jax.pmap(self._eval_step, axis_name=AXIS, devices=self.devices)
+                               devices=pmap_devices)
+    self.eval_step = jax.pmap(self._eval_step, axis_name=AXIS, devices=pmap_devices)
 
   # ---------------------------------------------------------------- model
   def _forward(self, images, is_training: bool):
@@ -271,9 +276,10 @@ class Trainer:
   def restore_or_init(self) -> TrainState:
     state = self.io.restore(self.xp)
     if state is None:
-      state = self.xp.init_state()
       if self.config.init_from:
         state = self.io.init_from(self.xp, self.config.init_from)
+      else:
+        state = self.xp.init_state()
     return state
 
   def train(self) -> TrainState:
