@@ -5,21 +5,21 @@ they differ only in speed:
 
   'xla'     the native (grouped) convolution; XLA differentiates it. Fastest on GPU/TPU.
   'split'   one dense convolution per group, concatenated; XLA differentiates it.
-  'matmul'  1x1 convolutions as a matmul (einsum); k x k convolutions as 'split' in the forward pass
-            and for the input gradient, with the kernel gradient as a sum over the k*k taps of
+  'matmul'  1x1 convolutions as a matmul (einsum); k x k convolutions as in 'split'.
+  'tapgrad' as 'matmul', but the kernel gradient of k x k convolutions is a sum over the k*k taps of
             (strided slice of the input)^T @ (output gradient) matmuls (custom VJP).
   'auto'    the fastest for `jax.default_backend()`: 'matmul' on CPU, 'xla' elsewhere.
 
 XLA:CPU runs the backward pass of grouped convolutions ~10x slower than the same work as dense
 convolutions, and its kernel gradient of dense k x k convolutions at 22-110 GFLOP/s against ~150 for a
-matmul; 'matmul' avoids both (benchmarks/conv_layers.py measures every F0 conv shape).
+matmul; 'matmul' avoids the first and the 1x1 convolutions' overhead (benchmarks/conv_layers.py measures every F0 conv shape).
 """
 import functools
 
 import jax
 import jax.numpy as jnp
 
-IMPLS = ('auto', 'xla', 'split', 'matmul')
+IMPLS = ('auto', 'xla', 'split', 'matmul', 'tapgrad')
 _DIMS = ('NHWC', 'HWIO', 'NHWC')
 
 
@@ -124,9 +124,8 @@ def conv2d(x: jax.Array, w: jax.Array, stride: int = 1, padding: str = 'SAME', g
     return _dense(x, w, stride, padding, groups)
   if impl == 'split':
     return _split(x, w, stride, padding, groups)
-  # 'matmul'
-  if w.shape[:2] == (1, 1):
+  if w.shape[:2] == (1, 1):  # 'matmul' and 'tapgrad'
     return _conv1x1(x, w, stride, padding, groups)
-  if padding not in ('SAME', 'VALID'):
+  if impl == 'matmul' or padding not in ('SAME', 'VALID'):
     return _split(x, w, stride, padding, groups)
   return _conv_tapgrad(x, w, stride, padding, groups)
