@@ -52,10 +52,14 @@ def macs(h, cin, cout, k, s, g):
   return B * ho * ho * k * k * cin // g * cout
 
 
-def make_fn(impl, s, g):
+def make_fn(impl, s, g, part='all'):
+  """part: 'all' (value and both grads), 'fwd', 'dx' or 'dw' (value and that gradient only)."""
   def loss(x, w, ct):
     return jnp.vdot(conv_lib.conv2d(x, w, s, 'SAME', g, impl), ct)
-  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+  if part == 'fwd':
+    return jax.jit(lambda x, w, ct: conv_lib.conv2d(x, w, s, 'SAME', g, impl))
+  argnums = {'all': (0, 1), 'dx': 0, 'dw': 1}[part]
+  return jax.jit(jax.value_and_grad(loss, argnums=argnums))
 
 
 def main():
@@ -63,19 +67,21 @@ def main():
   p.add_argument('--impls', default='xla,split,matmul')
   p.add_argument('--reps', type=int, default=5)
   p.add_argument('--filter', default='')
+  p.add_argument('--part', default='all', choices=['all', 'fwd', 'dx', 'dw'])
+  p.add_argument('--k', type=int, default=0, help='only kernels of this size (0: all)')
   a = p.parse_args()
   impls = a.impls.split(',')
   print(os.popen('uptime').read().strip())
   totals = {i: 0.0 for i in impls}
   for name, h, cin, cout, k, s, g, n in F0_CONVS:
-    if a.filter and a.filter not in name:
+    if (a.filter and a.filter not in name) or (a.k and k != a.k):
       continue
     key = jax.random.PRNGKey(0)
     x = jax.random.normal(key, (B, h, h, cin))
     w = jax.random.normal(key, (k, k, cin // g, cout)) * 0.1
     ho = -(-h // s)
     ct = jax.random.normal(key, (B, ho, ho, cout))
-    fns = {i: make_fn(i, s, g) for i in impls}
+    fns = {i: make_fn(i, s, g, a.part) for i in impls}
     for f in fns.values():
       jax.block_until_ready(f(x, w, ct))
     times = {i: [] for i in impls}
@@ -84,7 +90,7 @@ def main():
         t = time.perf_counter()
         jax.block_until_ready(f(x, w, ct))
         times[i].append(time.perf_counter() - t)
-    fl = 6 * macs(h, cin, cout, k, s, g)
+    fl = {'all': 6, 'fwd': 2, 'dx': 4, 'dw': 4}[a.part] * macs(h, cin, cout, k, s, g)
     row = []
     for i in impls:
       t = statistics.median(times[i])

@@ -1,0 +1,42 @@
+"""bench.py on a tiny model: the JSON contract, sane values, and the clear 'does not fit' error."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import bench
+from configs import demo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEYS = ('images_per_sec', 'step_time_s', 'compile_time_s', 'flops_per_sec', 'mfu', 'peak_memory_bytes')
+
+
+@pytest.mark.parametrize('mode', ['train', 'eval'])
+def test_bench_cli_writes_json(tmp_path, mode):
+  path = tmp_path / 'out.json'
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
+  env.pop('XLA_FLAGS', None)  # one device, as a user runs it
+  subprocess.run([sys.executable, 'bench.py', '--config=configs/demo.py', f'--mode={mode}',
+                  '--batch_size=2', '--resolution=32', '--steps=2', '--peak_matmul_n=256',
+                  f'--json={path}'], cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
+  r = json.loads(path.read_text())
+  for k in KEYS:
+    assert k in r and r[k] > 0, k
+  assert r['model'] == 'nfnet_tiny' and r['mode'] == mode and r['batch_size'] == 2
+  assert r['images_per_sec'] == pytest.approx(2 / r['step_time_s'])
+  assert r['flops_per_sec'] == pytest.approx(r['images_per_sec'] * r['flops_per_image'])
+  assert 0 < r['mfu'] < 2            # a rough denominator, but not off by orders of magnitude
+  assert 100e6 < r['peak_memory_bytes'] < 16e9
+  assert r['xla_memory_bytes'] > 0
+
+
+def test_does_not_fit_names_the_memory_needed():
+  with pytest.raises(bench.DoesNotFitError, match=r'needs about 3\.00 GiB.*only 1\.00 GiB'):
+    bench.check_fits(3 * 2**30, 'F7 train step', available=2**30)
+
+
+def test_unknown_variant_fails_before_compiling():
+  with pytest.raises(ValueError, match='accepted'):
+    bench.run(demo.get_config(), ['im2col'])
