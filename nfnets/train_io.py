@@ -1,6 +1,7 @@
 """What a training run writes to its workdir: orbax checkpoints, metrics.jsonl, TensorBoard, console lines.
 
-Only process 0 writes logs; orbax coordinates checkpoint writes across processes. A checkpoint of another
+Only process 0 writes logs. Every process calls `save` with the same host NumPy state (the params are
+replicated over all devices); orbax writes NumPy leaves from process 0 only and syncs the processes. A checkpoint of another
 model, or with other shapes, is refused before any compute, so a good checkpoint is never overwritten.
 """
 import datetime
@@ -52,6 +53,24 @@ class RunIO:
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
+  def agreed_latest_step(self) -> Optional[int]:
+    """The latest step, the same on every process: process 0's, checked against each process's own view.
+
+    Processes that resumed from different steps would feed mismatched states into the same collectives.
+    """
+    step = self.manager.latest_step()
+    if jax.process_count() == 1:
+      return step
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    mine = -1 if step is None else int(step)
+    agreed = int(multihost_utils.broadcast_one_to_all(np.int32(mine)))
+    if agreed != mine:
+      raise RuntimeError(
+          f'Process {jax.process_index()} sees latest checkpoint step {step} in {self.checkpoint_dir} but '
+          f'process 0 sees {None if agreed < 0 else agreed}. Every process must see the same workdir: put '
+          'it on storage they all share (GCS, NFS, Lustre).')
+    return None if agreed < 0 else agreed
+
   def _meta(self, step, params) -> dict:
     m = self.config.model
     return {'step': int(step), 'model': m.name, 'num_classes': int(m.num_classes),
@@ -83,7 +102,7 @@ class RunIO:
 
   def restore(self, experiment):
     """The latest checkpoint as a replicated TrainState, or None when the workdir has none."""
-    step = self.manager.latest_step()
+    step = self.agreed_latest_step()
     if step is None:
       return None
     meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
