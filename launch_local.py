@@ -63,8 +63,12 @@ def _stop(procs: List[subprocess.Popen], grace_s: float = 10.0) -> None:
 
 
 def launch(args: List[str], processes: int, devices_per_process: int, script: str = 'train.py',
-           timeout_s: Optional[float] = None, port: Optional[int] = None, out=None) -> int:
-  """Runs `processes` copies of `script args`; returns 0, or the first failing process's exit code."""
+           timeout_s: Optional[float] = None, port: Optional[int] = None, out=None,
+           env: Optional[dict] = None) -> int:
+  """Runs `processes` copies of `script args`; returns 0, or the first failing process's exit code.
+
+  `env`: variables added to this process's environment for the children.
+  """
   if processes < 1 or devices_per_process < 1:
     raise ValueError(f'processes ({processes}) and devices_per_process ({devices_per_process}) must be >= 1')
   out = out or sys.stdout
@@ -73,7 +77,8 @@ def launch(args: List[str], processes: int, devices_per_process: int, script: st
   procs, pumps = [], []
   for i in range(processes):
     p = subprocess.Popen([sys.executable, script] + list(args),
-                         env=child_env(i, processes, devices_per_process, port), cwd=HERE,
+                         env=child_env(i, processes, devices_per_process, port, {**os.environ, **(env or {})}),
+                         cwd=HERE,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     procs.append(p)
     pumps.append(threading.Thread(target=_pump, args=(p.stdout, f'[p{i}] ', out), daemon=True))
