@@ -1,0 +1,277 @@
+"""Research tools: sweep grid/resume/summary (with a fake train script, no training), SPP vs the beta/alpha rule."""
+import csv
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from nfnets.research import agc_study
+from nfnets.research import spp
+from nfnets.research import sweep
+
+DEMO = os.path.join(sweep.REPO_ROOT, 'configs', 'demo.py')
+
+# Stands in for train.py: logs a final eval whose top1 encodes the run, crashes or "diverges" on request,
+# and counts its invocations.
+FAKE_TRAIN = textwrap.dedent('''
+    import json, os, sys
+    args = dict(a[2:].split('=', 1) for a in sys.argv[1:])
+    wd = args['workdir']
+    os.makedirs(wd, exist_ok=True)
+    with open(os.path.join(os.path.dirname(wd), 'calls.txt'), 'a') as f:
+      f.write(os.path.basename(wd) + '\\n')
+    clip = float(args.get('config.optimizer.agc.clipping', 0.01))
+    batch = int(args.get('config.batch_size', 128))
+    steps = int(args.get('config.training_steps', 2000))
+    if clip == 0.16:
+      print('Traceback (most recent call last):\\nRuntimeError: simulated crash', file=sys.stderr)
+      sys.exit(3)
+    if clip == 0.08 and batch == 1024:
+      print('experiment.NonFiniteLossError: Loss or gradient became NaN/Inf at step 7; training stopped.',
+            file=sys.stderr)
+      sys.exit(1)
+    with open(os.path.join(wd, 'metrics.jsonl'), 'a') as f:
+      f.write(json.dumps({'step': steps, 'kind': 'train', 'loss': 0.5, 'top1': 0.9, 'grad_norm': 2.0,
+                          'clip_fraction': 0.1, 'images_per_sec': 100.0}) + '\\n')
+      f.write(json.dumps({'step': steps, 'kind': 'eval', 'top1': 1 - clip - batch / 1e4, 'top5': 1.0,
+                          'loss': 0.3, 'ema_top1': 0.5, 'num_examples': 360}) + '\\n')
+''')
+
+
+@pytest.fixture
+def fake_train(tmp_path):
+  path = tmp_path / 'fake_train.py'
+  path.write_text(FAKE_TRAIN)
+  return str(path)
+
+
+def _calls(workdir):
+  path = os.path.join(workdir, 'calls.txt')
+  return open(path).read().split() if os.path.exists(path) else []
+
+
+def test_grid_expansion_names_and_validation(tmp_path):
+  axes = [sweep.parse_sweep_flag('optimizer.agc.clipping=0.01,0.02,0.04'),
+          sweep.parse_sweep_flag('batch_size=256,1024')]
+  points = sweep.grid(*axes)
+  assert len(points) == 6
+  assert points[:2] == [{'optimizer.agc.clipping': '0.01', 'batch_size': '256'},
+                        {'optimizer.agc.clipping': '0.01', 'batch_size': '1024'}]  # last axis fastest
+  runs = sweep.make_runs(DEMO, str(tmp_path), points, fixed={'training_steps': 7})
+  assert [r.name for r in runs][:2] == ['optimizer.agc.clipping=0.01,batch_size=256',
+                                        'optimizer.agc.clipping=0.01,batch_size=1024']
+  assert len({r.workdir for r in runs}) == 6 and all(r.training_steps == 7 for r in runs)
+  assert runs[0].overrides == {'training_steps': '7', 'optimizer.agc.clipping': '0.01', 'batch_size': '256'}
+  cmd = sweep.train_command(runs[0], DEMO)
+  assert cmd[2:] == [f'--workdir={runs[0].workdir}', f'--config={DEMO}', '--config.training_steps=7',
+                     '--config.optimizer.agc.clipping=0.01', '--config.batch_size=256']
+  # The resolved config is what train.py would parse.
+  config = sweep.resolve_config(DEMO, runs[0].overrides)
+  assert config.batch_size == 256 and config.optimizer.agc.clipping == 0.01
+  # An axis may set several fields at once (the AGC study's "off | lambda" axis).
+  mixed = sweep.grid(agc_study.agc_axis([0.01]), [{'batch_size': '64'}])
+  assert mixed == [{'optimizer.agc.enabled': 'False', 'batch_size': '64'},
+                   {'optimizer.agc.enabled': 'True', 'optimizer.agc.clipping': '0.01', 'batch_size': '64'}]
+
+
+@pytest.mark.parametrize('spec, message', [
+    ('optimizer.agc.clip=0.01,0.02', "no field 'optimizer.agc.clip'.*did you mean optimizer.agc.clipping"),
+    ('nonexistent=1', "no field 'nonexistent'"),
+    ('batch_size=', 'empty value list'),
+    ('batch_size=256,,1024', 'empty value'),
+    ('batch_size=256,256', 'repeats a value'),
+    ('batch_size', 'expected FIELD=V1,V2'),
+    ('batch_size=big', 'batch_size=big'),
+])
+def test_bad_sweeps_fail_before_anything_runs(tmp_path, spec, message):
+  with pytest.raises(sweep.SweepError, match=message):
+    sweep.make_runs(DEMO, str(tmp_path), sweep.grid(sweep.parse_sweep_flag(spec)))
+  assert not os.listdir(tmp_path)
+
+
+def test_bad_fixed_override_and_config(tmp_path):
+  with pytest.raises(sweep.SweepError, match="no field 'model.widht'"):
+    sweep.make_runs(DEMO, str(tmp_path), [{}], fixed={'model.widht': 2})
+  with pytest.raises(sweep.SweepError, match='both fixed and swept'):
+    sweep.make_runs(DEMO, str(tmp_path), sweep.grid(sweep.axis('batch_size', [1, 2])),
+                    fixed={'batch_size': 4})
+  with pytest.raises(sweep.SweepError, match='does not exist'):
+    sweep.make_runs(str(tmp_path / 'nope.py'), str(tmp_path), [{}])
+
+
+def test_cli_reports_bad_field_and_prints_commands(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  cli = [sys.executable, os.path.join(sweep.REPO_ROOT, 'sweep.py'), f'--config={DEMO}',
+         f'--workdir={tmp_path}']
+  bad = subprocess.run(cli + ['--sweep=optimizer.agc.nope=1,2'], capture_output=True, text=True, env=env)
+  assert bad.returncode == 2 and "no field 'optimizer.agc.nope'" in bad.stderr
+  ok = subprocess.run(cli + ['--sweep=batch_size=256,1024', '--config.training_steps=3', '--print_commands'],
+                      capture_output=True, text=True, env=env)
+  assert ok.returncode == 0, ok.stderr
+  lines = ok.stdout.strip().splitlines()
+  assert len(lines) == 2 and all('train.py' in l and '--config.training_steps=3' in l for l in lines)
+  assert '--config.batch_size=1024' in lines[1] and lines[1].endswith("batch_size=1024/DONE")
+
+
+def test_sweep_runs_resumes_and_isolates_failures(tmp_path, fake_train):
+  wd = str(tmp_path / 'sweep')
+  points = sweep.grid(sweep.axis('optimizer.agc.clipping', [0.01, 0.08, 0.16]), sweep.axis('batch_size', [256, 1024]))
+  runs = sweep.make_runs(DEMO, wd, points, fixed={'training_steps': 5})
+  results = sweep.run_sweep(runs, DEMO, parallel=3, train_script=fake_train, log=lambda *_: None)
+  status = {r.run.name: r.status for r in results}
+  assert status == {
+      'optimizer.agc.clipping=0.01,batch_size=256': 'done',
+      'optimizer.agc.clipping=0.01,batch_size=1024': 'done',
+      'optimizer.agc.clipping=0.08,batch_size=256': 'done',
+      'optimizer.agc.clipping=0.08,batch_size=1024': 'diverged',
+      'optimizer.agc.clipping=0.16,batch_size=256': 'failed',
+      'optimizer.agc.clipping=0.16,batch_size=1024': 'failed'}
+  crashed = next(r for r in results if r.status == 'failed')
+  assert crashed.returncode == 3 and 'simulated crash' in crashed.stderr_tail
+  assert len(_calls(wd)) == 6
+  # Resume: nothing finished or failed runs again; an interrupted run (no marker, no final eval) does.
+  os.remove(os.path.join(runs[0].workdir, sweep.DONE_MARKER))
+  os.remove(os.path.join(runs[0].workdir, 'metrics.jsonl'))
+  again = sweep.run_sweep(runs, DEMO, parallel=2, train_script=fake_train, log=lambda *_: None)
+  assert _calls(wd)[6:] == [runs[0].name]
+  assert [r.skipped for r in again] == [False] + [True] * 5
+  # A run whose metrics show a final eval counts as done even without the DONE marker (cluster runs).
+  os.remove(os.path.join(runs[1].workdir, sweep.DONE_MARKER))
+  assert sweep.run_state(runs[1]).status == 'done'
+  # --retry_failed reruns only the failed and diverged ones.
+  sweep.run_sweep(runs, DEMO, retry_failed=True, train_script=fake_train, log=lambda *_: None)
+  assert sorted(_calls(wd)[7:]) == sorted(r.name for r in runs if 'clipping=0.16' in r.name or
+                                          r.name == 'optimizer.agc.clipping=0.08,batch_size=1024')
+  # The summary marks the failures and keeps the finished results.
+  rows = sweep.write_summary(wd, runs)
+  by = {r['run']: r for r in rows}
+  assert by['optimizer.agc.clipping=0.16,batch_size=256']['status'] == 'failed'
+  assert by['optimizer.agc.clipping=0.16,batch_size=256']['returncode'] == 3
+  assert 'simulated crash' in by['optimizer.agc.clipping=0.16,batch_size=256']['error']
+  assert by['optimizer.agc.clipping=0.16,batch_size=256']['top1'] is None
+  assert by['optimizer.agc.clipping=0.01,batch_size=1024']['top1'] == pytest.approx(1 - 0.01 - 0.1024)
+
+
+def _fake_run(run, top1=None, step=None, failed=None):
+  os.makedirs(run.workdir, exist_ok=True)
+  step = run.training_steps if step is None else step
+  with open(os.path.join(run.workdir, 'metrics.jsonl'), 'w') as f:
+    for s in range(1, step + 1):
+      f.write(json.dumps({'step': s, 'kind': 'train', 'loss': 1.0 / s, 'top1': 0.5, 'grad_norm': float(s),
+                          'clip_fraction': 0.2, 'images_per_sec': 50.0 + s}) + '\n')
+    if top1 is not None:
+      f.write(json.dumps({'step': step, 'kind': 'eval', 'top1': top1, 'top5': 1.0, 'loss': 0.2,
+                          'ema_top1': top1 - 0.01, 'num_examples': 360}) + '\n')
+    f.write('{"step": 99, "kind": "tr')  # a line cut short by a killed writer
+  if failed:
+    with open(os.path.join(run.workdir, sweep.FAILED_MARKER), 'w') as f:
+      json.dump({'status': failed, 'returncode': 1, 'wall_s': 2.0,
+                 'stderr_tail': 'x\nexperiment.NonFiniteLossError: Loss or gradient became NaN/Inf at step 2'}, f)
+
+
+def test_summary_aggregates_fake_run_dirs(tmp_path):
+  wd = str(tmp_path)
+  points = sweep.grid(sweep.axis('optimizer.agc.clipping', [0.01, 0.04, 0.16]), sweep.axis('batch_size', [256, 1024]))
+  runs = sweep.make_runs(DEMO, wd, points, fixed={'training_steps': 4})
+  tops = {0: 0.91, 1: 0.85, 2: 0.93, 4: 0.7}
+  for i, run in enumerate(runs):
+    if i in tops:
+      _fake_run(run, tops[i])
+  _fake_run(runs[3], failed='diverged', step=2)
+  _fake_run(runs[5], step=3)  # interrupted: no final eval, no marker
+  rows = sweep.write_summary(wd, runs)
+  assert [r['status'] for r in rows] == ['done', 'done', 'done', 'diverged', 'done', 'pending']
+  assert [r['top1'] for r in rows] == [0.91, 0.85, 0.93, None, 0.7, None]
+  assert rows[0]['ema_top1'] == pytest.approx(0.90)
+  assert rows[0]['max_grad_norm'] == 4.0 and rows[0]['last_step'] == 4 and rows[0]['train_loss'] == 0.25
+  assert rows[0]['images_per_sec'] == 53.0  # median
+  assert rows[3]['last_step'] == 2 and 'NaN/Inf at step 2' in rows[3]['error']
+  with open(os.path.join(wd, 'summary.csv')) as f:
+    csv_rows = list(csv.DictReader(f))
+  assert len(csv_rows) == 6 and csv_rows[2]['optimizer.agc.clipping'] == '0.04'
+  assert csv_rows[2]['batch_size'] == '256' and float(csv_rows[2]['top1']) == 0.93
+  assert csv_rows[3]['status'] == 'diverged' and csv_rows[3]['top1'] == ''
+  md = open(os.path.join(wd, 'summary.md')).read()
+  assert md.startswith('# Sweep summary: 6 runs, 4 done, 1 diverged, 1 pending')
+  assert md.count('\n| optimizer.agc.clipping=') == 6
+  assert os.path.getsize(os.path.join(wd, 'summary.png')) > 10_000
+  assert sweep.default_plot_axes(runs) == ('optimizer.agc.clipping', 'batch_size')
+
+
+def test_agc_study_grid_table_and_plot(tmp_path):
+  runs = agc_study.make_study(str(tmp_path), batch_sizes=(64, 1024), base_lrs=(0.4,), clippings=(0.01, 0.16),
+                              epochs=10, train_examples=1437)  # digits' train split
+  assert [r.name for r in runs] == ['lr=0.4,bs=64,agc=off', 'lr=0.4,bs=64,agc=0.01', 'lr=0.4,bs=64,agc=0.16',
+                                    'lr=0.4,bs=1024,agc=off', 'lr=0.4,bs=1024,agc=0.01',
+                                    'lr=0.4,bs=1024,agc=0.16']
+  assert [r.training_steps for r in runs] == [225] * 3 + [14] * 3  # 10 epochs of 1437 images
+  assert runs[3].overrides['optimizer.agc.enabled'] == 'False'
+  for run, top1 in zip(runs, [0.8, 0.82, 0.81, None, 0.6, 0.55]):
+    _fake_run(run, top1, step=None if top1 else 2, failed=None if top1 else 'diverged')
+  rows = agc_study.study_rows(runs)
+  assert rows[3]['diverged_at'] == 2 and rows[3]['peak_lr'] == 1.6
+  table = agc_study.study_table(rows)
+  assert '| 0.4 | 1024 | 1.6 | 14 | NaN@2 | 60.0 | 55.0 |' in table
+  agc_study.plot_study(str(tmp_path / 'study.png'), rows)
+  assert 10_000 < os.path.getsize(tmp_path / 'study.png') < 300_000
+
+
+# ------------------------------------------------------------------------------------------ SPP
+SMALL_NFNET = dict(depths=(1, 5, 1, 1), widths=(32, 64, 128, 128), group_width=16, stem_widths=(8, 16, 16))
+
+
+@pytest.fixture(scope='module')
+def nfnet_spp():
+  x = spp.gaussian_images(8, 64)
+  return spp.measure('nfnet_tiny', x, skip_gains=(None, 1.0), num_classes=10, **SMALL_NFNET)
+
+
+def test_spp_default_init_blocks_are_identities(nfnet_spp):
+  """Skip gains start at 0: every non-transition block passes its input through unchanged."""
+  m = nfnet_spp['default init (skip gain 0)']
+  plain = ~spp.transitions(SMALL_NFNET['depths'])
+  var = m['avg_var']
+  np.testing.assert_allclose(var[1:][plain[1:]], var[:-1][plain[1:]], rtol=1e-5)
+  # Block 0 (stride 1, beta 1) keeps unit variance on both paths.
+  np.testing.assert_allclose([var[0], m['res_avg_var'][0]], 1.0, rtol=0.2)
+
+
+def test_spp_follows_beta_alpha_rule_and_stays_bounded(nfnet_spp):
+  """With skip gains 1: each plain block adds alpha^2 x its residual variance, so within a stage the
+  variance grows linearly, like the rule 1 + k alpha^2, not exponentially; the squared mean stays small."""
+  depths, alpha = spp.block_layout('nfnet_tiny', **SMALL_NFNET)
+  assert depths == [1, 5, 1, 1] and alpha == 0.2
+  m = nfnet_spp['skip gain 1']
+  var, res = m['avg_var'], m['res_avg_var']
+  # Stage 2 = blocks 1..5; blocks 2..5 are plain.
+  np.testing.assert_allclose(np.diff(var[1:6]), alpha ** 2 * res[2:6], rtol=0.3)
+  rule = spp.expected_variance(depths, alpha)
+  np.testing.assert_allclose(rule, [1.04, 1.04, 1.08, 1.12, 1.16, 1.2, 1.04, 1.04])
+  # Relative to the stage's transition block, the variance follows the rule's growth (within 15%)...
+  np.testing.assert_allclose(var[1:6] / var[1], rule[1:6] / rule[1], rtol=0.15)
+  # ... and stays bounded: no block exceeds its stage start by more than the rule's 1 + 4 alpha^2 (+15%).
+  assert (var[1:6] / var[1]).max() < (1 + 4 * alpha ** 2) * 1.15
+  assert var.max() < 1.2 and m['avg_sq_mean'].max() < 0.05
+
+
+def test_spp_nf_resnet_matches_rule_in_absolute_terms():
+  """NF-ResNet shortcuts are strided convs (no average pooling), so on Gaussian input even the absolute
+  variance follows the rule: 1 + alpha^2 after each transition, + alpha^2 per plain block."""
+  kw = dict(width=1, depths=(1, 3, 1, 1))
+  results = spp.measure('nf_resnet26', spp.gaussian_images(8, 64), skip_gains=(1.0,), num_classes=10, **kw)
+  var = results['skip gain 1']['avg_var']
+  np.testing.assert_allclose(var, spp.expected_variance(*spp.block_layout('nf_resnet26', **kw)), rtol=0.12)
+
+
+def test_spp_plot_and_bad_input(tmp_path, nfnet_spp):
+  out = str(tmp_path / 'spp.png')
+  spp.plot(out, nfnet_spp, SMALL_NFNET['depths'], 0.2, title='test')
+  assert 10_000 < os.path.getsize(out) < 300_000
+  with pytest.raises(ValueError, match='Unknown SPP input'):
+    spp.make_images('noise', 2, 8)
+  with pytest.raises(ValueError, match='Unknown model'):
+    spp.measure('F9', spp.gaussian_images(1, 8))
