@@ -11,6 +11,7 @@ from typing import Dict, Iterator
 from absl import logging
 import haiku as hk
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -291,11 +292,15 @@ class Trainer:
       logging.info('Checkpoint is at step %d >= training_steps %d: nothing to train.', step,
                    cfg.training_steps)
       return state
-    previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+    # Several processes must stop after the same step, or the rest wait forever in the next collective:
+    # JAX's preemption service (its own SIGTERM handler) agrees on that step; one process stops alone.
+    multi = jax.process_count() > 1
+    previous = None if multi else signal.signal(signal.SIGTERM, self._on_sigterm)
     try:
       state = self._loop(state, step)
     finally:
-      signal.signal(signal.SIGTERM, previous)
+      if not multi:
+        signal.signal(signal.SIGTERM, previous)
       self.io.close()
     return state
 
@@ -308,6 +313,9 @@ class Trainer:
       state, metrics = xp.train_step(state, next(batches))
       pending.append(metrics)
       step += 1
+      if jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(step):
+        logging.warning('SIGTERM received by a process: all processes checkpoint at step %d and exit.', step)
+        self._stop_requested = True
       last = step == cfg.training_steps
       if step % cfg.log_every == 0 or last or self._stop_requested:
         self._check_finite(state)
