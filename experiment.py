@@ -79,6 +79,10 @@ class Experiment:
     self.micro_batch = check_batch_layout(config.batch_size, config.grad_accum_steps,
                                           jax.process_count(), self.local_devices)
     self.per_device_batch = self.micro_batch * config.grad_accum_steps
+    try:  # checked now, not at the first eval hours into a run
+      check_batch_layout(config.eval_batch_size, 1, jax.process_count(), self.local_devices)
+    except ValueError as e:
+      raise ValueError(f'eval_batch_size: {e}') from None
     self.net = hk.transform(self._forward)
     self.schedule = optim.make_schedule(config.optimizer, config.batch_size, config.training_steps,
                                         self.info.num_train_examples)
