@@ -173,6 +173,14 @@ def test_batch_not_divisible_by_processes(tmp_path):
   assert 'batch_size=6 must be divisible by processes (2) x local devices (2)' in out.getvalue()
 
 
+def test_eval_batch_not_divisible_fails_at_start():
+  import experiment  # pylint: disable=g-import-not-at-top
+  from test_experiment import tiny_config  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match=r'eval_batch_size: batch_size=42 must be divisible by processes \(1\) '
+                                       r'x local devices \(4\)'):
+    experiment.Experiment(tiny_config(eval_batch_size=42))
+
+
 # ------------------------------------------------------------------------------------------ equality
 
 def _restore(workdir):
