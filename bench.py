@@ -138,6 +138,7 @@ class Runner:
     self.xp = experiment.Experiment(config, devices=jax.local_devices()[:1])
     self.batch = synthetic_batch(self.xp, mode)
     self.state = self.xp.init_state()
+    self.rss_after_init = peak_rss_bytes()
     t = time.perf_counter()
     if mode == 'train':
       lowered = self.xp.train_step.lower(self.state, self.batch)
@@ -145,6 +146,7 @@ class Runner:
       lowered = self.xp.eval_step.lower(self.state.params, self.state.ema_params, self.batch)
     self.compiled = lowered.compile()
     self.compile_time_s = time.perf_counter() - t
+    self.rss_after_compile = peak_rss_bytes()
     self.xla_memory_bytes = xla_memory_bytes(self.compiled)
     self.times, self.cpu_times = [], []
 
@@ -172,7 +174,8 @@ def run(config, variants, mode='train', batch_size=8, resolution=None, dtype='fl
     cfg = make_config(config, v, batch_size, resolution, dtype, remat)
     r = Runner(cfg, v, mode)
     log(f'[{v}] compiled in {r.compile_time_s:.1f} s; XLA memory estimate '
-        f'{r.xla_memory_bytes / 2**30:.2f} GiB')
+        f'{r.xla_memory_bytes / 2**30:.2f} GiB; peak RSS after init {r.rss_after_init / 2**30:.2f} GiB, '
+        f'after compile {r.rss_after_compile / 2**30:.2f} GiB')
     check_fits(r.xla_memory_bytes, f'{cfg.model.name} {mode} step ({v}, batch {batch_size})')
     runners.append(r)
   for r in runners:
