@@ -33,22 +33,28 @@ from absl import logging
 IMAGENET_CLASSES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'nfnets', 'imagenet_classes.txt')
 SPEC_RESIZE_PAD = 32   # spec §1.7: resize to S + 32, centre crop S
 
-_WEIGHTS = flags.DEFINE_string('weights', None, 'Run workdir, released pickle, flat .npz or timm file.')
-_MODEL = flags.DEFINE_string('model', None, "Registry name ('F0', 'F3+', 'nfnet_tiny', 'dm_nfnet_f1'); "
-                             'detected from the weights when omitted.')
-_NUM_CLASSES = flags.DEFINE_integer('num_classes', None, "Taken from the weights' classifier when omitted.")
-_TOP = flags.DEFINE_integer('top', 5, 'How many classes to print per image.', lower_bound=1)
-_CLASSES = flags.DEFINE_string('classes', None, 'Class names, one per line in label order (default: the '
-                               'ImageNet names for a 1000-class model, else indices).')
-_IMAGE_SIZE = flags.DEFINE_integer('image_size', None, "Crop size; default: the run's eval size, else the "
-                                   "model's test size.", lower_bound=1)
-_RESIZE_PAD = flags.DEFINE_integer('resize_pad', None, "Resize to image_size + resize_pad before the centre "
-                                   "crop; default: the run's eval_resize_pad, else 32.", lower_bound=0)
-_BATCH_SIZE = flags.DEFINE_integer('batch_size', 16, 'Images per forward pass.', lower_bound=1)
-_JSON = flags.DEFINE_bool('json', False, 'Print a JSON list instead of text.')
-_SKIP_BAD = flags.DEFINE_bool('skip_bad_images', False, 'Warn about unreadable images and classify the '
-                              'rest (default: report them all and stop).')
-_CONV_IMPL = flags.DEFINE_enum('conv_impl', 'auto', ['auto', 'xla', 'split'], 'Grouped-conv lowering.')
+
+def define_flags():
+  """Defines this script's flags; called only when run as a script, so importing predict (tests, other
+  tools) never collides with another absl program's flags such as bench.py's --batch_size."""
+  from nfnets import conv as conv_lib  # pylint: disable=g-import-not-at-top
+  global _WEIGHTS, _MODEL, _NUM_CLASSES, _TOP, _CLASSES, _IMAGE_SIZE, _RESIZE_PAD, _BATCH_SIZE, _JSON, _SKIP_BAD, _CONV_IMPL
+  _WEIGHTS = flags.DEFINE_string('weights', None, 'Run workdir, released pickle, flat .npz or timm file.')
+  _MODEL = flags.DEFINE_string('model', None, "Registry name ('F0', 'F3+', 'nfnet_tiny', 'dm_nfnet_f1'); "
+                               'detected from the weights when omitted.')
+  _NUM_CLASSES = flags.DEFINE_integer('num_classes', None, "Taken from the weights' classifier when omitted.")
+  _TOP = flags.DEFINE_integer('top', 5, 'How many classes to print per image.', lower_bound=1)
+  _CLASSES = flags.DEFINE_string('classes', None, 'Class names, one per line in label order (default: the '
+                                 'ImageNet names for a 1000-class model, else indices).')
+  _IMAGE_SIZE = flags.DEFINE_integer('image_size', None, "Crop size; default: the run's eval size, else the "
+                                     "model's test size.", lower_bound=1)
+  _RESIZE_PAD = flags.DEFINE_integer('resize_pad', None, "Resize to image_size + resize_pad before the centre "
+                                     "crop; default: the run's eval_resize_pad, else 32.", lower_bound=0)
+  _BATCH_SIZE = flags.DEFINE_integer('batch_size', 16, 'Images per forward pass.', lower_bound=1)
+  _JSON = flags.DEFINE_bool('json', False, 'Print a JSON list instead of text.')
+  _SKIP_BAD = flags.DEFINE_bool('skip_bad_images', False, 'Warn about unreadable images and classify the '
+                                'rest (default: report them all and stop).')
+  _CONV_IMPL = flags.DEFINE_enum('conv_impl', 'auto', list(conv_lib.IMPLS), 'Grouped-conv lowering.')
 
 
 class ImageError(ValueError):
@@ -261,4 +267,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -173,6 +173,14 @@ def residual_join(branch, shortcut, alpha: float, stoch_depth: 'StochDepth', is_
   return branch * skip_gain * alpha + shortcut, res_avg_var
 
 
+def pool_and_dropout(x: jax.Array, drop_rate: float, is_training: bool) -> jax.Array:
+  """Global average pool over H, W, then dropout (train only) before the classifier."""
+  pool = jnp.mean(x, axis=(1, 2))
+  if is_training and drop_rate > 0:
+    pool = hk.dropout(hk.next_rng_key(), drop_rate, pool)
+  return pool
+
+
 def run_blocks(blocks, x, is_training: bool, return_metrics: bool, remat: bool = False):
   """Applies residual blocks in order; collects per-block signal-propagation metrics when asked.
 

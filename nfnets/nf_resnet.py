@@ -7,7 +7,6 @@ import math
 from typing import Optional, Sequence
 
 import haiku as hk
-import jax.numpy as jnp
 
 from nfnets import layers
 
@@ -94,10 +93,7 @@ class NFResNet(hk.Module):
     out = self.initial_conv(x)
     out = hk.max_pool(out, (1, 3, 3, 1), (1, 2, 2, 1), 'SAME')
     out, metrics = layers.run_blocks(self.blocks, out, is_training, return_metrics, self.remat)
-    pool = jnp.mean(self.act(out), axis=(1, 2))
-    if is_training and self.drop_rate > 0:
-      pool = hk.dropout(hk.next_rng_key(), self.drop_rate, pool)
-    logits = self.fc(pool)
+    logits = self.fc(layers.pool_and_dropout(self.act(out), self.drop_rate, is_training))
     if return_metrics:
       return logits, metrics
     return logits

@@ -8,8 +8,6 @@ import math
 from typing import List, Optional, Sequence
 
 import haiku as hk
-import jax
-import jax.numpy as jnp
 
 from nfnets import layers
 
@@ -184,10 +182,7 @@ class NFNet(hk.Module):
         out = self.act(out)
     out, metrics = layers.run_blocks(self.blocks, out, is_training, return_metrics, self.remat)
     out = self.act(self.final_conv(out))
-    pool = jnp.mean(out, axis=(1, 2))
-    if is_training and self.drop_rate > 0:
-      pool = hk.dropout(hk.next_rng_key(), self.drop_rate, pool)
-    logits = self.fc(pool)
+    logits = self.fc(layers.pool_and_dropout(out, self.drop_rate, is_training))
     if return_metrics:
       return logits, metrics
     return logits
