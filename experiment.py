@@ -324,19 +324,21 @@ class Trainer:
       if step % cfg.log_every == 0 or last or self._stop_requested:
         self._check_finite(state)
         now = time.time()
-        summary = {k: float(np.mean(v)) for k, v in
-                   jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *pending)).items()}
-        summary['lr'] = float(np.asarray(jax.device_get(pending[-1]['lr']))[0])
+        fetched = jax.device_get(pending)  # the only host sync: once per log interval
+        summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+        summary['lr'] = float(np.asarray(fetched[-1]['lr'])[0])
         summary['steps_per_sec'] = (step - step_last) / max(now - t_last, 1e-9)
         summary['images_per_sec'] = summary['steps_per_sec'] * cfg.batch_size
         self.io.log_train(step, summary, eta_s=(cfg.training_steps - step) * (now - t_start) /
                           max(step - step_start, 1))
         pending, t_last, step_last = [], now, step
+      t_pause = time.time()
       if (cfg.eval_every and step % cfg.eval_every == 0) or last:
         self.io.log_eval(step, xp.evaluate(state))
       if step % cfg.checkpoint_every == 0 or last or self._stop_requested:
         self._check_finite(state)
         self.io.save(step, state)
+      t_last += time.time() - t_pause  # images/s counts training time only, not eval or saving
       if self._stop_requested:
         logging.warning('Stopped at step %d after SIGTERM; the checkpoint is saved.', step)
         break
