@@ -99,9 +99,11 @@ class Experiment:
   # ---------------------------------------------------------------- model
   def _forward(self, images, is_training: bool):
     m = self.config.model
-    overrides = dict(stochdepth_rate=m.stochdepth_rate, conv_impl=m.conv_impl, remat=self.config.remat)
-    if m.drop_rate is not None:
-      overrides['drop_rate'] = m.drop_rate
+    overrides = dict(stochdepth_rate=m.stochdepth_rate, conv_impl=m.conv_impl, remat=self.config.remat,
+                     skip_gain_init=m.skip_gain_init)
+    for field in ('drop_rate', 'width', 'depths'):
+      if m.get(field) is not None:
+        overrides[field] = m[field]
     return nfnets.create_model(m.name, m.num_classes, **overrides)(images, is_training=is_training)
 
   def init_params(self, rng):

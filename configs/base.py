@@ -32,6 +32,12 @@ def get_config(model_name: str = 'F0') -> ml_collections.ConfigDict:
   c.model.num_classes = 1000
   c.model.drop_rate = config_dict.placeholder(float)   # None: the variant's own rate (registry)
   c.model.stochdepth_rate = 0.25      # rate of the last block; block i of N gets rate * i / N
+  # Architecture overrides (None: the registry variant's own). `width` is the constructor's width: a
+  # multiplier of the variant's channels for NFNets (1.0), of 16/64/128/256/512 for NF-ResNets (4 =
+  # ResNet-50's 256..2048). `depths` is the number of blocks per stage, e.g. (1, 1, 1, 1).
+  c.model.width = config_dict.placeholder(float)
+  c.model.depths = config_dict.placeholder(tuple)
+  c.model.skip_gain_init = 0.0        # every residual branch's scalar gain at init (0: SkipInit, paper)
   c.model.conv_impl = 'auto'          # grouped-conv lowering: 'auto' (per backend), 'xla', 'split'
 
   c.optimizer = ml_collections.ConfigDict()

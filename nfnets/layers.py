@@ -160,16 +160,18 @@ def signal_metrics(x: jax.Array) -> dict:
   }
 
 
-def residual_join(branch, shortcut, alpha: float, stoch_depth: 'StochDepth', is_training: bool):
+def residual_join(branch, shortcut, alpha: float, stoch_depth: 'StochDepth', is_training: bool,
+                  skip_gain_init: float = 0.0):
   """Ends a residual block: `shortcut + alpha * skip_gain * stochdepth(branch)`.
 
-  Called inside a block's `__call__`, so `skip_gain` (a scalar initialised to 0, making every block the
-  identity at init) belongs to that block. Also returns the branch variance for signal-propagation plots.
+  Called inside a block's `__call__`, so `skip_gain` (a scalar, by default initialised to 0 as in the
+  paper (SkipInit), making every block the identity at init) belongs to that block. Also returns the
+  branch variance for signal-propagation plots.
   """
   res_avg_var = jnp.mean(jnp.var(branch, axis=(0, 1, 2)))
   if 0 < stoch_depth.drop_rate < 1:
     branch = stoch_depth(branch, is_training)
-  skip_gain = hk.get_parameter('skip_gain', (), branch.dtype, init=jnp.zeros)
+  skip_gain = hk.get_parameter('skip_gain', (), branch.dtype, init=hk.initializers.Constant(skip_gain_init))
   return branch * skip_gain * alpha + shortcut, res_avg_var
 
 

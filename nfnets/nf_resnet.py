@@ -24,8 +24,9 @@ class NFResBlock(hk.Module):
   """Pre-activation bottleneck (ratio 0.25) with an optional SE, stochastic depth and a skip gain."""
 
   def __init__(self, in_ch, out_ch, stride, beta, alpha, act, stochdepth_rate, use_se, se_ratio,
-               name: Optional[str] = None):
+               skip_gain_init: float = 0.0, name: Optional[str] = None):
     super().__init__(name=name)
+    self.skip_gain_init = skip_gain_init
     self.in_ch, self.out_ch, self.stride = in_ch, out_ch, stride
     self.beta, self.alpha, self.act = beta, alpha, act
     width = int(out_ch * 0.25)
@@ -46,7 +47,8 @@ class NFResBlock(hk.Module):
     out = self.conv2(self.act(out))
     if self.se is not None:
       out = (self.se(out) * 2) * out
-    return layers.residual_join(out, shortcut, self.alpha, self.stoch_depth, is_training)
+    return layers.residual_join(out, shortcut, self.alpha, self.stoch_depth, is_training,
+                                self.skip_gain_init)
 
 
 class NFResNet(hk.Module):
@@ -54,13 +56,15 @@ class NFResNet(hk.Module):
 
   Called as `model(images_nhwc, is_training, return_metrics=False)`, like `NFNet`.
   `conv_impl` is accepted for a uniform interface with NFNet; NF-ResNets have no grouped convs.
+  `width` multiplies 16 (stem) and 64/128/256/512 (stages): 4 is ResNet-50's width. `depths` overrides
+  the variant's blocks per stage. `skip_gain_init` is every block's initial skip gain (0: SkipInit).
   """
 
-  def __init__(self, num_classes: int, variant: str = 'ResNet50', width: int = 4, alpha: float = 0.2,
+  def __init__(self, num_classes: int, variant: str = 'ResNet50', width: float = 4, alpha: float = 0.2,
                stochdepth_rate: float = 0.1, drop_rate: float = 0.0, activation: str = 'relu',
                use_se: bool = False, se_ratio: float = 0.25, fc_init=None,
                depths: Optional[Sequence[int]] = None, conv_impl: str = 'auto', remat: bool = False,
-               name: str = 'NF_ResNet'):
+               skip_gain_init: float = 0.0, name: str = 'NF_ResNet'):
     super().__init__(name=name)
     self.remat = remat
     del conv_impl
@@ -70,18 +74,22 @@ class NFResNet(hk.Module):
       raise ValueError(f'Unknown NF-ResNet variant {variant!r}; accepted: {sorted(DEPTHS)}')
     self.drop_rate = drop_rate
     self.act = layers.activation(activation)
+    if not isinstance(width, (int, float)) or isinstance(width, bool) or width * 16 < 1:
+      raise ValueError(f'width must be a number >= 1/16 (4 = ResNet-50), got {width!r}')
     depths = tuple(depths or DEPTHS[variant])
-    ch = 16 * width
+    if len(depths) != len(STRIDES) or not all(isinstance(d, int) and d >= 1 for d in depths):
+      raise ValueError(f'depths must be {len(STRIDES)} integers >= 1 (blocks per stage), got {depths!r}')
+    ch = int(16 * width)
     self.initial_conv = layers.WSConv2D(ch, 7, stride=2, name='initial_conv')
     self.blocks = []
     expected_std, index, num_blocks = 1.0, 0, sum(depths)
     for stage_width, depth, stride in zip((64, 128, 256, 512), depths, STRIDES):
       for block_index in range(depth):
-        out_ch = stage_width * width
+        out_ch = int(stage_width * width)
         self.blocks.append(NFResBlock(ch, out_ch, stride if block_index == 0 else 1,
                                       beta=1.0 / expected_std, alpha=alpha, act=self.act,
                                       stochdepth_rate=stochdepth_rate * index / num_blocks,
-                                      use_se=use_se, se_ratio=se_ratio))
+                                      use_se=use_se, se_ratio=se_ratio, skip_gain_init=skip_gain_init))
         ch, index = out_ch, index + 1
         if block_index == 0:
           expected_std = 1.0

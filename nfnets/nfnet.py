@@ -93,9 +93,10 @@ class NFBlock(hk.Module):
   """NFNet bottleneck block: two grouped 3x3 convs, SE, stochastic depth and a zero-init skip gain."""
 
   def __init__(self, spec: BlockSpec, alpha: float, se_ratio: float, act, use_two_convs: bool = True,
-               conv_impl: str = 'auto', name: Optional[str] = None):
+               conv_impl: str = 'auto', skip_gain_init: float = 0.0, name: Optional[str] = None):
     super().__init__(name=name)
     self.spec, self.alpha, self.act, self.use_two_convs = spec, alpha, act, use_two_convs
+    self.skip_gain_init = skip_gain_init
     s = spec
     self.conv0 = layers.WSConv2D(s.width, 1, conv_impl=conv_impl, name='conv0')
     self.conv1 = layers.WSConv2D(s.width, 3, stride=s.stride, feature_group_count=s.groups,
@@ -124,7 +125,8 @@ class NFBlock(hk.Module):
       out = self.conv1b(self.act(out))
     out = self.conv2(self.act(out))
     out = (self.se(out) * 2) * out
-    return layers.residual_join(out, shortcut, self.alpha, self.stoch_depth, is_training)
+    return layers.residual_join(out, shortcut, self.alpha, self.stoch_depth, is_training,
+                                self.skip_gain_init)
 
 
 class NFNet(hk.Module):
@@ -141,6 +143,7 @@ class NFNet(hk.Module):
     remat: recompute each block's activations in the backward pass (jax.checkpoint) to save memory.
     width, depths, group_width, stem_widths: shape overrides for small research models; the
       defaults give the paper's variants.
+    skip_gain_init: the initial value of every block's `skip_gain` (0 in the paper: SkipInit).
   """
 
   def __init__(self, num_classes: int, variant: str = 'F0', width: float = 1.0, se_ratio: float = 0.5,
@@ -149,7 +152,7 @@ class NFNet(hk.Module):
                final_conv_ch: Optional[int] = None, use_two_convs: bool = True, conv_impl: str = 'auto',
                depths: Optional[Sequence[int]] = None, widths: Optional[Sequence[int]] = None,
                group_width: int = 128, stem_widths: Sequence[int] = STEM_WIDTHS,
-               remat: bool = False, name: str = 'NFNet'):
+               remat: bool = False, skip_gain_init: float = 0.0, name: str = 'NFNet'):
     super().__init__(name=name)
     self.remat = remat
     if not isinstance(num_classes, int) or num_classes < 1:
@@ -168,7 +171,8 @@ class NFNet(hk.Module):
         layers.WSConv2D(stem_out, 3, stride=2, conv_impl=conv_impl, name=f'stem_conv{len(stem_widths)}'))
     self.specs = block_plan(depths or v.depths, widths, stem_out, width_mult=width,
                             group_width=group_width, alpha=alpha, stochdepth_rate=stochdepth_rate)
-    self.blocks = [NFBlock(s, alpha, se_ratio, self.act, use_two_convs, conv_impl) for s in self.specs]
+    self.blocks = [NFBlock(s, alpha, se_ratio, self.act, use_two_convs, conv_impl, skip_gain_init)
+                   for s in self.specs]
     ch = final_conv_ch or int(final_conv_mult * self.specs[-1].out_ch)
     self.final_conv = layers.WSConv2D(ch, 1, conv_impl=conv_impl, name='final_conv')
     self.fc = hk.Linear(num_classes, w_init=fc_init or hk.initializers.RandomNormal(0.01, 0))

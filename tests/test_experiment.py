@@ -102,6 +102,19 @@ def test_bad_batch_layout(batch, accum):
     experiment.Experiment(tiny_config(batch_size=batch, grad_accum_steps=accum))
 
 
+def test_model_shape_overrides_reach_the_model():
+  """config.model.width / depths / skip_gain_init (the AGC study's small NF-ResNet) build that model."""
+  cfg = tiny_config(**{'model.name': 'nf_resnet26', 'model.width': 0.5, 'model.depths': (1, 2, 1, 1),
+                       'model.skip_gain_init': 1.0})
+  params = experiment.Experiment(cfg).state_template().params
+  blocks = sorted(m for m in params if m.count('/') == 2 and 'nf_res_block' in m)
+  assert len(blocks) == 5  # 1 + 2 + 1 + 1
+  assert params['NF_ResNet/~/initial_conv']['w'].shape == (7, 7, 3, 8)    # 16 * 0.5
+  assert params['NF_ResNet/~/linear']['w'].shape == (256, 10)             # 512 * 0.5
+  fresh = experiment.Experiment(cfg).init_params(jax.random.PRNGKey(0))
+  assert {float(fresh[b]['skip_gain']) for b in blocks} == {1.0}
+
+
 def _train(cfg, workdir, stop_after=None):
   xp = experiment.Experiment(cfg, devices=jax.local_devices()[:2])
   trainer = experiment.Trainer(xp, str(workdir))

@@ -54,6 +54,51 @@ def test_nf_resnet_params(name):
   assert count(param_shapes(name)) == NF_RESNET_PARAMS[name]
 
 
+def _bottleneck_resnet_params(width, depths, num_classes):
+  """Hand count of a pre-activation NF-ResNet: stem 7x7, per block 1x1 -> 3x3 -> 1x1 (width out/4) plus a
+  1x1 projection when the shape changes, every conv with a gain and bias per output, a skip gain, and fc."""
+  conv = lambda k, cin, cout: k * k * cin * cout + 2 * cout
+  ch = int(16 * width)
+  total = conv(7, 3, ch)
+  for i, (stage, depth) in enumerate(zip((64, 128, 256, 512), depths)):
+    out = int(stage * width)
+    for b in range(depth):
+      mid = out // 4
+      total += conv(1, ch, mid) + conv(3, mid, mid) + conv(1, mid, out) + 1
+      if b == 0:  # stride 2 (stages 2-4) or a channel change: a projection shortcut
+        total += conv(1, ch, out)
+      ch = out
+  return total + ch * num_classes + num_classes
+
+
+@pytest.mark.parametrize('width,depths', [(4, None), (1.0, (1, 1, 1, 1)), (0.5, (2, 1, 3, 1))])
+def test_nf_resnet_shape_overrides(width, depths):
+  """`width` and `depths` (the study's small NF-ResNets) give the hand-counted parameter number."""
+  expected = _bottleneck_resnet_params(width, depths or (3, 4, 6, 3), 10)
+  kw = dict(width=width) if depths is None else dict(width=width, depths=depths)
+  assert count(param_shapes('nf_resnet50', 10, **kw)) == expected
+  if depths is None:  # the hand count agrees with the spec's NF-ResNet-50 at 1000 classes too
+    assert _bottleneck_resnet_params(4, (3, 4, 6, 3), 1000) == NF_RESNET_PARAMS['nf_resnet50']
+
+
+@pytest.mark.parametrize('bad,match', [(dict(width=0.0), 'width must be'), (dict(width='2'), 'width must be'),
+                                       (dict(depths=(1, 1, 1)), 'depths must be'),
+                                       (dict(depths=(1, 0, 1, 1)), 'depths must be')])
+def test_nf_resnet_bad_shape_overrides(bad, match):
+  with pytest.raises(ValueError, match=match):
+    param_shapes('nf_resnet26', 10, size=32, **bad)
+
+
+@pytest.mark.parametrize('name,num_blocks', [('nfnet_tiny', 4), ('nf_resnet26', 8)])
+def test_skip_gain_init(name, num_blocks):
+  """Every block's skip gain starts at 0 (SkipInit) unless skip_gain_init says otherwise."""
+  for init in (0.0, 0.5):
+    f = hk.transform(lambda x: nfnets.create_model(name, 10, skip_gain_init=init)(x, is_training=True))
+    params = f.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+    gains = [float(p['skip_gain']) for p in params.values() if 'skip_gain' in p]
+    assert gains == [init] * num_blocks
+
+
 def test_f0_param_tree_matches_released_checkpoint_layout():
   p = param_shapes('F0')
   # 7 modules per block (block, conv0, conv1, conv1b, conv2, 2 SE linears) + 4 shortcuts + 4 stem +

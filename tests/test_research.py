@@ -220,6 +220,22 @@ def test_agc_study_grid_table_and_plot(tmp_path):
   assert 10_000 < os.path.getsize(tmp_path / 'study.png') < 300_000
 
 
+def test_agc_study_model_description_and_set_flag(tmp_path):
+  cfg = sweep.resolve_config(agc_study.CONFIG)
+  assert agc_study.describe_model(cfg.model) == (
+      'nf_resnet26 (depths 1-1-1-1, width 1, skip gains at init 1)')
+  cfg = sweep.resolve_config(agc_study.CONFIG, {'model.skip_gain_init': '0'})
+  assert agc_study.describe_model(cfg.model) == 'nf_resnet26 (depths 1-1-1-1, width 1)'
+  # --set is validated against the config before any run starts.
+  cmd = [sys.executable, '-m', 'nfnets.research.agc_study', f'--workdir={tmp_path}', '--set=model.widht=2']
+  out = subprocess.run(cmd, capture_output=True, text=True, cwd=sweep.REPO_ROOT, timeout=300)
+  assert out.returncode == 2 and "no field 'model.widht'" in out.stderr
+  cmd[-1] = '--set=model.width'
+  out = subprocess.run(cmd, capture_output=True, text=True, cwd=sweep.REPO_ROOT, timeout=300)
+  assert out.returncode == 2 and "--set takes field=value, got 'model.width'" in out.stderr
+  assert not os.listdir(tmp_path)
+
+
 # ------------------------------------------------------------------------------------------ SPP
 SMALL_NFNET = dict(depths=(1, 5, 1, 1), widths=(32, 64, 128, 128), group_width=16, stem_widths=(8, 16, 16))
 

@@ -20,9 +20,9 @@ from nfnets.research import sweep
 
 CONFIG = os.path.join(sweep.REPO_ROOT, 'configs', 'agc_study.py')
 BATCH_SIZES = (64, 256, 1024)
-BASE_LRS = (0.4,)                  # per 256 images (the paper's is 0.1; see configs/agc_study.py)
+BASE_LRS = (0.025, 0.1, 0.4)       # per 256 images (the paper's is 0.1)
 CLIPPINGS = (0.01, 0.04, 0.16)     # lambda; None in a grid = AGC off
-EPOCHS = 10.0
+EPOCHS = 30.0
 AGC_OFF = 'off'
 
 
@@ -176,6 +176,18 @@ def plot_study(path: str, rows: Sequence[dict], title: str = '') -> None:
   plt.close(fig)
 
 
+def describe_model(m) -> str:
+  """'nf_resnet26 (depths 1-1-1-1, width 1, skip gains at init 1)' from a config's `model` block."""
+  extra = []
+  if m.get('depths') is not None:
+    extra.append('depths ' + '-'.join(str(d) for d in m.depths))
+  if m.get('width') is not None:
+    extra.append(f'width {m.width:g}')
+  if m.get('skip_gain_init', 0.0) != 0.0:
+    extra.append(f'skip gains at init {m.skip_gain_init:g}')
+  return m.name + (f" ({', '.join(extra)})" if extra else '')
+
+
 def run_study(workdir: str, parallel: int = 1, out_png: Optional[str] = None, out_md: Optional[str] = None,
               retry_failed: bool = False, **study_kwargs) -> List[dict]:
   """Runs (or resumes) the study, then writes the sweep summary plus agc_study.md/.png in `workdir`."""
@@ -186,9 +198,9 @@ def run_study(workdir: str, parallel: int = 1, out_png: Optional[str] = None, ou
   wall = time.time() - t0
   sweep.write_summary(workdir, runs, x='optimizer.base_lr', series='batch_size')
   rows = study_rows(runs)
-  model = sweep.resolve_config(study_kwargs.get('config_path', CONFIG),
-                               study_kwargs.get('fixed')).model.name
-  title = f'AGC study, {model} on digits (top-1 on the 360 test images)'
+  model = describe_model(sweep.resolve_config(study_kwargs.get('config_path', CONFIG),
+                                              study_kwargs.get('fixed')).model)
+  title = f'AGC study, {model}, on digits (top-1 on the 360 test images)'
   table = study_table(rows)
   md = (f'{title}; test top-1 %, NaN@k: the loss became NaN/Inf at step k.\n\n{table}\n'
         f'Sweep wall time: {wall / 60:.1f} min ({sum(r["status"] == "done" for r in rows)} runs finished, '
@@ -205,7 +217,7 @@ def run_study(workdir: str, parallel: int = 1, out_png: Optional[str] = None, ou
 
 def define_flags():
   """The command-line flags (defined only when run as a program, so imports do not clash)."""
-  global _WORKDIR, _PARALLEL, _BATCH, _LRS, _CLIP, _EPOCHS, _MODEL, _OUT_PNG, _OUT_MD, _RETRY
+  global _WORKDIR, _PARALLEL, _BATCH, _LRS, _CLIP, _EPOCHS, _MODEL, _OUT_PNG, _OUT_MD, _RETRY, _SET
   _WORKDIR = flags.DEFINE_string('workdir', 'runs/agc_study', 'Study directory (one sub-directory per run).')
   _PARALLEL = flags.DEFINE_integer('parallel', 2, 'train.py processes at once.')
   _BATCH = flags.DEFINE_list('batch_sizes', [str(b) for b in BATCH_SIZES], 'Batch sizes.')
@@ -216,16 +228,23 @@ def define_flags():
   _OUT_PNG = flags.DEFINE_string('out_png', None, 'Also write the plot here (e.g. docs/agc_study.png).')
   _OUT_MD = flags.DEFINE_string('out_md', None, 'Also write the table here.')
   _RETRY = flags.DEFINE_bool('retry_failed', False, 'Rerun failed or diverged runs.')
+  _SET = flags.DEFINE_multi_string('set', [], 'field=value: a config override for every run, e.g. '
+                                   '--set=model.skip_gain_init=0 (repeatable).')
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  fixed = {'model.name': _MODEL.value} if _MODEL.value else None
+  fixed = {'model.name': _MODEL.value} if _MODEL.value else {}
   try:
+    for item in _SET.value:
+      field, sep, value = item.partition('=')
+      if not sep or not field:
+        raise sweep.SweepError(f'--set takes field=value, got {item!r}')
+      fixed[field.strip()] = value.strip()
     run_study(_WORKDIR.value, _PARALLEL.value, _OUT_PNG.value, _OUT_MD.value, _RETRY.value,
               batch_sizes=[int(b) for b in _BATCH.value], base_lrs=[float(x) for x in _LRS.value],
-              clippings=[float(x) for x in _CLIP.value], epochs=_EPOCHS.value, fixed=fixed)
+              clippings=[float(x) for x in _CLIP.value], epochs=_EPOCHS.value, fixed=fixed or None)
   except sweep.SweepError as e:
     print(f'agc_study: error: {e}', file=sys.stderr)
     return 2
