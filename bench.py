@@ -10,13 +10,14 @@ The step timed is `Experiment.train_step` (pmapped, state donated) on one device
 shared machine slows them alike.
 
 Memory: `peak_memory_bytes` is the process's peak resident set (getrusage ru_maxrss) at the end of the
-run, so it covers Python, TensorFlow, the state, the compiled step and its buffers. It describes one variant
-only when one is benchmarked; `xla_memory_bytes` is XLA's own estimate for each compiled step
-(arguments + outputs + temporaries - donated aliases). Before running, that estimate is compared with the
-machine's available memory and a variant that cannot fit stops with a message naming the memory needed.
+run, so it covers Python, the libraries, the compiled step, the state and the step's buffers (TensorFlow is
+not imported: the batch is synthetic). The step is compiled from shapes before the state exists, and the
+compiler's freed heap is returned to the OS before the state is built. It describes one variant only when
+one is benchmarked; `xla_memory_bytes` is XLA's own estimate for each compiled step (arguments + outputs +
+temporaries - donated aliases). That estimate is compared with the machine's available memory right after
+compiling, and a variant that cannot fit stops with a message naming the memory needed.
 """
 import json
-import resource
 import statistics
 import sys
 import time
@@ -31,6 +32,8 @@ import numpy as np
 import experiment
 import nfnets
 from nfnets import conv as conv_lib
+from nfnets import memory
+from nfnets.memory import peak_rss_bytes
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/f0.py', 'A config file from configs/.')
 _VARIANT = flags.DEFINE_string('variant', 'auto',
@@ -60,11 +63,6 @@ def available_memory_bytes() -> int:
   except OSError:
     pass
   return 1 << 62
-
-
-def peak_rss_bytes() -> int:
-  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  return rss if sys.platform == 'darwin' else rss * 1024
 
 
 def xla_memory_bytes(compiled) -> int:
@@ -118,7 +116,7 @@ def make_config(base, variant: str, batch_size: int, resolution, dtype: str, rem
   return c
 
 
-def synthetic_batch(xp, mode: str):
+def synthetic_batch(xp, mode: str, place: bool = True):
   rng = np.random.default_rng(0)
   n, b = xp.local_devices, xp.per_device_batch
   size = xp.image_size if mode == 'train' else xp.eval_image_size
@@ -126,8 +124,10 @@ def synthetic_batch(xp, mode: str):
   images = rng.normal(size=(n, b, size, size, 3)).astype(np.float32)
   hard = rng.integers(0, k, size=(n, b)).astype(np.int32)
   if mode == 'eval':
-    return xp.put({'images': images, 'labels': hard, 'mask': np.ones((n, b), np.float32)})
-  return xp.put({'images': images, 'labels': np.eye(k, dtype=np.float32)[hard], 'hard_labels': hard})
+    batch = {'images': images, 'labels': hard, 'mask': np.ones((n, b), np.float32)}
+  else:
+    batch = {'images': images, 'labels': np.eye(k, dtype=np.float32)[hard], 'hard_labels': hard}
+  return xp.put(batch) if place else batch
 
 
 class Runner:
@@ -135,19 +135,28 @@ class Runner:
 
   def __init__(self, config, variant: str, mode: str):
     self.variant, self.mode = variant, mode
-    self.xp = experiment.Experiment(config, devices=jax.local_devices()[:1])
-    self.batch = synthetic_batch(self.xp, mode)
-    self.state = self.xp.init_state()
-    self.rss_after_init = peak_rss_bytes()
+    self.xp = xp = experiment.Experiment(config, devices=jax.local_devices()[:1])
+    # Compile from shapes alone, before the state exists, so the compiler's working memory and the
+    # state are never resident together; then hand the compiler's freed heap back to the OS.
+    shapes = xp.abstract_replicated(xp.state_shapes())
+    host_batch = synthetic_batch(xp, mode, place=False)
+    batch_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=xp.sharding),
+                                host_batch)
     t = time.perf_counter()
     if mode == 'train':
-      lowered = self.xp.train_step.lower(self.state, self.batch)
+      lowered = xp.train_step.lower(shapes, batch_shapes)
     else:
-      lowered = self.xp.eval_step.lower(self.state.params, self.state.ema_params, self.batch)
+      lowered = xp.eval_step.lower(shapes.params, shapes.ema_params, batch_shapes)
     self.compiled = lowered.compile()
     self.compile_time_s = time.perf_counter() - t
+    del lowered
+    memory.release_free_memory()
     self.rss_after_compile = peak_rss_bytes()
     self.xla_memory_bytes = xla_memory_bytes(self.compiled)
+    check_fits(self.xla_memory_bytes, f'{config.model.name} {mode} step ({variant}, batch {config.batch_size})')
+    self.batch = xp.put(host_batch)
+    self.state = xp.init_state()
+    self.rss_after_init = peak_rss_bytes()
     self.times, self.cpu_times = [], []
 
   def step(self):
@@ -174,9 +183,8 @@ def run(config, variants, mode='train', batch_size=8, resolution=None, dtype='fl
     cfg = make_config(config, v, batch_size, resolution, dtype, remat)
     r = Runner(cfg, v, mode)
     log(f'[{v}] compiled in {r.compile_time_s:.1f} s; XLA memory estimate '
-        f'{r.xla_memory_bytes / 2**30:.2f} GiB; peak RSS after init {r.rss_after_init / 2**30:.2f} GiB, '
-        f'after compile {r.rss_after_compile / 2**30:.2f} GiB')
-    check_fits(r.xla_memory_bytes, f'{cfg.model.name} {mode} step ({v}, batch {batch_size})')
+        f'{r.xla_memory_bytes / 2**30:.2f} GiB; peak RSS after compile {r.rss_after_compile / 2**30:.2f} GiB, '
+        f'after creating the state {r.rss_after_init / 2**30:.2f} GiB')
     runners.append(r)
   for r in runners:
     for _ in range(warmup):

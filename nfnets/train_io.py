@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from nfnets.train_state import TrainState, replicate, unreplicate
+from nfnets.train_state import TrainState, unreplicate
 
 STATE_FIELDS = ('step', 'params', 'opt_state', 'ema_params', 'rng', 'bad_step')
 
@@ -115,8 +115,7 @@ class RunIO:
     # orbax returns plain containers; rebuild the optimizer-state structure from the template.
     restored['opt_state'] = jax.tree.unflatten(jax.tree.structure(target['opt_state']),
                                                jax.tree.leaves(restored['opt_state']))
-    return experiment.put(replicate(TrainState(**{k: restored[k] for k in STATE_FIELDS}),
-                                    experiment.local_devices))
+    return experiment.put_state(TrainState(**{k: restored[k] for k in STATE_FIELDS}))
 
   def init_from(self, experiment, path: str):
     """A fresh state whose params (and EMA) come from `path`; see `load_init_params`."""

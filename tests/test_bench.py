@@ -40,3 +40,23 @@ def test_does_not_fit_names_the_memory_needed():
 def test_unknown_variant_fails_before_compiling():
   with pytest.raises(ValueError, match='accepted'):
     bench.run(demo.get_config(), ['im2col'])
+
+
+def test_fake_data_paths_do_not_import_tensorflow():
+  """bench.py and an Experiment on fake data run without TensorFlow (~0.5 GiB of resident memory); the
+  data pipeline still loads it on first use."""
+  code = ('import sys, experiment, bench\n'
+          'from configs import f0\n'
+          'c = f0.get_config(); c.dataset.name = "fake"\n'
+          'xp = experiment.Experiment(c)\n'
+          'assert xp.info.num_train_examples == 1281167\n'
+          'assert "tensorflow" not in sys.modules, "tensorflow imported"\n'
+          'from nfnets import data\n'
+          'data.train_iterator\n'
+          'assert "tensorflow" in sys.modules\n'
+          'from nfnets import memory\n'
+          'assert memory.peak_rss_bytes() > 50 * 2**20\n'
+          'assert memory.release_free_memory() in (True, False)\n')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert out.returncode == 0, out.stderr[-2000:]

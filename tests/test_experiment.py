@@ -71,6 +71,28 @@ def test_one_device_equals_four_devices():
   assert moved > 1e-4
 
 
+def test_device_built_state_equals_host_built_state():
+  """init_state (built on the devices) and state_from_params (host params, transferred and copied) agree
+  exactly, and both train to the same params: the two ways a run starts are the same run."""
+  cfg = tiny_config()
+  xp = experiment.Experiment(cfg, devices=jax.local_devices()[:2])
+  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(cfg.seed))
+  on_device = xp.init_state()
+  from_host = xp.state_from_params(xp.init_params(init_rng), train_rng)
+  a, b = unreplicate(on_device), unreplicate(from_host)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert int(a.bad_step) == -1 and int(a.step) == 0
+  # The EMA starts equal to the params but in its own buffers (both are donated to the step).
+  leaf = lambda t: jax.tree.leaves(t)[0].addressable_shards[0].data
+  assert leaf(on_device.params).unsafe_buffer_pointer() != leaf(on_device.ema_params).unsafe_buffer_pointer()
+  batch = xp.put(fake_batch(2, xp.per_device_batch))
+  s1, _ = xp.train_step(on_device, batch)
+  s2, _ = xp.train_step(from_host, batch)
+  assert_trees_close(unreplicate(s1).params, unreplicate(s2).params, rtol=0, atol=0)
+
+
 def test_accumulation_equals_big_batch():
   devices = jax.local_devices()[:2]
   big = experiment.Experiment(tiny_config(), devices=devices)

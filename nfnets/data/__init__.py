@@ -9,10 +9,18 @@ from typing import Iterator
 import jax
 import numpy as np
 
-from nfnets.data.pipeline import DatasetInfo, dataset_info, eval_iterator, train_iterator
+from nfnets.data.info import DatasetInfo, dataset_info
 
 __all__ = ['DatasetInfo', 'dataset_info', 'train_iterator', 'eval_iterator', 'prefetch_to_device',
            'device_sharding']
+
+
+def __getattr__(name):
+  # The TF pipeline loads on first use (see nfnets/data/info.py).
+  if name in ('train_iterator', 'eval_iterator'):
+    from nfnets.data import pipeline  # pylint: disable=g-import-not-at-top
+    return getattr(pipeline, name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
 def device_sharding() -> jax.sharding.NamedSharding:

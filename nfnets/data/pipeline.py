@@ -3,7 +3,6 @@
 Train (spec §1.5): shuffle -> crop/flip/resize -> MixUp/CutMix on 2x device batches -> RandAugment -> normalise.
 Eval (spec §1.7): square resize to S + pad, centre crop S, normalise; padded and masked to a common batch count.
 """
-import dataclasses
 import math
 from typing import Iterator, Optional, Tuple
 
@@ -13,24 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from nfnets.data import mix, preprocess, randaugment, sources
-
-FAKE_NUM_CLASSES = 1000
-FAKE_NUM_TRAIN = 1_281_167   # ImageNet's, so epoch arithmetic matches the real run
-FAKE_NUM_EVAL = 1000
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  num_classes: int
-  num_train_examples: int
-  num_eval_examples: int
-
-
-def dataset_info(ds_config) -> DatasetInfo:
-  if ds_config.name == 'fake':
-    return DatasetInfo(FAKE_NUM_CLASSES, FAKE_NUM_TRAIN, FAKE_NUM_EVAL)
-  source = sources.get_source(ds_config)
-  return DatasetInfo(source.num_classes, source.num_train, source.num_eval)
+from nfnets.data.info import FAKE_NUM_CLASSES, FAKE_NUM_EVAL
 
 
 def _process(index: Optional[int], count: Optional[int]) -> Tuple[int, int]:

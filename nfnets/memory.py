@@ -1,0 +1,27 @@
+"""Process memory: resident-set readings and returning freed heap memory to the OS (Linux/glibc)."""
+import ctypes
+import ctypes.util
+import resource
+import sys
+
+
+def peak_rss_bytes() -> int:
+  """The process's peak resident set so far (getrusage ru_maxrss; never reset)."""
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return rss if sys.platform == 'darwin' else rss * 1024
+
+
+def release_free_memory() -> bool:
+  """Hands freed heap pages back to the OS (glibc `malloc_trim(0)`); False where that is unavailable.
+
+  XLA's compiler frees most of what it allocates, but glibc keeps the freed pages in the process (F0's
+  train step: ~0.6 GiB of resident memory after compiling, measured with JAX 0.10 on CPU). Calling this
+  after a compile lowers the baseline that the step's own peak adds to.
+  """
+  if not sys.platform.startswith('linux'):
+    return False
+  try:
+    libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+    return bool(libc.malloc_trim(0))
+  except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim
+    return False
