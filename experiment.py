@@ -3,7 +3,6 @@
 This is the only module that knows models, data and optimizer together. Device code is written per device
 and mapped with `jax.pmap` over the axis `AXIS`; gradients are averaged across devices before AGC.
 """
-import functools
 import signal
 import time
 from typing import Dict, Iterator
@@ -97,6 +96,7 @@ class Experiment:
                                devices=pmap_devices)
     self.eval_step = jax.pmap(self._eval_step, axis_name=AXIS, devices=pmap_devices)
     self._make_state = jax.pmap(self._fresh_state, axis_name=AXIS, devices=pmap_devices)
+    self._state_around = jax.pmap(self._new_state, axis_name=AXIS, devices=pmap_devices)
     self._own_copy = jax.pmap(lambda tree: jax.tree.map(jnp.copy, tree), axis_name=AXIS,
                               devices=pmap_devices)
 
@@ -110,35 +110,40 @@ class Experiment:
         overrides[field] = m[field]
     return nfnets.create_model(m.name, m.num_classes, **overrides)(images, is_training=is_training)
 
-  def init_params(self, rng):
+  def _init_params(self, rng):
     dummy = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
-    return jax.jit(functools.partial(self.net.init, is_training=True))(rng, dummy)
+    return self.net.init(rng, dummy, is_training=True)
 
-  def init_state(self) -> TrainState:
-    """A fresh replicated state: every device holds the same params (same init key).
+  def init_params(self, rng):
+    return jax.jit(self._init_params)(rng)
 
-    Built on the devices by one compiled function, so every buffer is the step's own to donate and no
-    host copy is made (F0: 0.86 GiB of params, momentum and EMA).
-    """
-    init_rng, train_rng = jax.random.split(jax.random.PRNGKey(self.config.seed))
-    keys = self.put(replicate((init_rng, train_rng), self.local_devices))
-    return self._make_state(*keys)
+  def _new_state(self, params, train_rng) -> TrainState:
+    """Per device: step 0, fresh momentum, EMA = params. Params and EMA are copied into buffers of their
+    own: the train step donates the state, and it cannot write in place into buffers that are views of
+    host memory or of one another (measured on XLA:CPU: its first call then allocates a second state)."""
+    return TrainState(step=jnp.zeros((), jnp.int32), params=jax.tree.map(jnp.copy, params),
+                      opt_state=self.optimizer.init(params), ema_params=jax.tree.map(jnp.copy, params),
+                      rng=train_rng, bad_step=jnp.full((), -1, jnp.int32))
 
   def _fresh_state(self, init_rng, train_rng) -> TrainState:
-    dummy = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
-    params = self.net.init(init_rng, dummy, is_training=True)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params),
-                      ema_params=jax.tree.map(jnp.copy, params), rng=train_rng,
-                      bad_step=jnp.full((), -1, jnp.int32))
+    return self._new_state(self._init_params(init_rng), train_rng)
+
+  def init_state(self) -> TrainState:
+    """A fresh replicated state: every device holds the same params (same init key), built on the devices."""
+    init_rng, train_rng = jax.random.split(jax.random.PRNGKey(self.config.seed))
+    return self._make_state(*self.put(replicate((init_rng, train_rng), self.local_devices)))
+
+  def state_from_params(self, params, train_rng=None) -> TrainState:
+    """A fresh replicated state around given params (e.g. loaded weights); momentum and EMA built on device."""
+    if train_rng is None:
+      train_rng = jax.random.split(jax.random.PRNGKey(self.config.seed))[1]
+    host = (jax.device_get(params), np.asarray(train_rng))
+    return self._state_around(*self.put(replicate(host, self.local_devices)))
 
   def state_shapes(self) -> TrainState:
     """The unreplicated state's structure as jax.ShapeDtypeStructs (no memory, no compute)."""
-    dummy = jax.ShapeDtypeStruct((1, self.image_size, self.image_size, 3), jnp.float32)
     key = jax.random.PRNGKey(0)
-    params = jax.eval_shape(functools.partial(self.net.init, is_training=True), key, dummy)
-    scalar = jax.ShapeDtypeStruct((), jnp.int32)
-    return TrainState(step=scalar, params=params, opt_state=jax.eval_shape(self.optimizer.init, params),
-                      ema_params=params, rng=jax.ShapeDtypeStruct(key.shape, key.dtype), bad_step=scalar)
+    return jax.eval_shape(self._fresh_state, key, key)
 
   def state_template(self) -> TrainState:
     """An unreplicated host state of zeros with this run's structure, shapes and dtypes (no compute)."""
@@ -147,31 +152,18 @@ class Experiment:
   def abstract_replicated(self, tree):
     """ShapeDtypeStructs of `tree` (shapes) with pmap's leading device axis and sharding: lowering the
     steps with these compiles them before any state exists."""
-    n = len(self.devices)
+    n = self.local_devices
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct((n,) + tuple(x.shape), x.dtype, sharding=self.sharding),
                         tree)
-
-  def state_from_params(self, params, train_rng=None) -> TrainState:
-    if train_rng is None:
-      train_rng = jax.random.split(jax.random.PRNGKey(self.config.seed))[1]
-    params = jax.device_get(params)
-    host = TrainState(step=np.zeros((), np.int32), params=params,
-                      opt_state=jax.device_get(self.optimizer.init(params)),
-                      ema_params=params, rng=np.asarray(train_rng), bad_step=np.full((), -1, np.int32))
-    return self.put_state(host)
 
   def put(self, tree):
     """Places a tree with a leading device axis on this experiment's devices, as pmap shards it."""
     return jax.device_put(tree, self.sharding)
 
   def put_state(self, host_state: TrainState) -> TrainState:
-    """A host (unreplicated) state replicated onto the devices, in buffers the train step can donate.
-
-    The transferred state is copied once more, by a compiled identity. Measured on XLA:CPU (JAX 0.10): fed
-    host-transferred buffers (views of one another, or of host memory), the train step cannot write its
-    outputs in place, and its first call allocates a second state (F0: +0.8 GiB at the step's peak). Copied
-    here, before the step's temporaries exist, the two copies coexist only with each other.
-    """
+    """A host (unreplicated) state, e.g. a restored checkpoint, replicated onto the devices in buffers the
+    train step can donate: copied once more on the devices, for the reason given in `_new_state` (F0:
+    +0.8 GiB at the step's peak otherwise), before the step's temporaries exist."""
     state = jax.block_until_ready(self._own_copy(self.put(replicate(host_state, self.local_devices))))
     memory.release_free_memory()  # the transferred copy is gone: return its pages before the step runs
     return state
