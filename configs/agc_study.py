@@ -31,7 +31,6 @@ def get_config():
   c.checkpoint_every = 10_000      # checkpoint once, at the end
   c.keep_checkpoints = 1
   c.eval_batch_size = 120
-  c.model.num_classes = 10
   c.model.stochdepth_rate = 0.0
   c.model.skip_gain_init = 1.0         # see the module docstring
   c.optimizer.base_lr = 0.1
@@ -39,16 +38,5 @@ def get_config():
   c.optimizer.warmup_epochs = 1.0
   c.optimizer.agc.enabled = True
   c.optimizer.agc.clipping = 0.01
-  c.dataset.name = 'digits'
-  c.dataset.train_split = 'train'
-  c.dataset.eval_split = 'test'
-  c.dataset.image_size = 32
-  c.dataset.eval_image_size = 32
-  c.dataset.eval_resize_pad = 0
-  c.dataset.shuffle_buffer = 2000
-  c.dataset.augment.crop_area_min = 0.6
-  c.dataset.augment.random_flip = False
-  c.dataset.augment.mixup_alpha = 0.0
-  c.dataset.augment.cutmix = False
-  c.dataset.augment.randaugment = False
+  base.use_digits(c)
   return c

@@ -77,6 +77,27 @@ def get_config(model_name: str = 'F0') -> ml_collections.ConfigDict:
   return c
 
 
+def use_digits(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Switches `c` to the built-in digits data (scikit-learn's 8x8 digits, upsampled to 32 px; nothing is
+  downloaded): its train/test splits and 10 classes, light crops, no flips, no MixUp/CutMix/RandAugment.
+  The demo, the digits fine-tune and the AGC study share it."""
+  c.model.num_classes = 10
+  d = c.dataset
+  d.name = 'digits'
+  d.train_split = 'train'             # 1,437 images
+  d.eval_split = 'test'               # 360 images
+  d.image_size = 32
+  d.eval_image_size = 32
+  d.eval_resize_pad = 0
+  d.shuffle_buffer = 2000
+  d.augment.crop_area_min = 0.6       # digits fill the frame: keep most of it
+  d.augment.random_flip = False       # a flipped digit is another glyph
+  d.augment.mixup_alpha = 0.0
+  d.augment.cutmix = False
+  d.augment.randaugment = False
+  return c
+
+
 def variant_config(variant: str, arg: str = '') -> ml_collections.ConfigDict:
   """Config for NFNet-`variant`; the config argument 'plus' selects the '+' variant (configs/f3.py:plus)."""
   if arg not in ('', 'plus'):

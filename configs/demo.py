@@ -15,18 +15,8 @@ def get_config():
   c.eval_every = 500
   c.checkpoint_every = 500
   c.eval_batch_size = 200
-  c.model.num_classes = 10
   c.model.stochdepth_rate = 0.1
   c.optimizer.warmup_epochs = 2.0
-  c.dataset.name = 'digits'
-  c.dataset.train_split = 'train'
-  c.dataset.eval_split = 'test'
-  c.dataset.eval_resize_pad = 0
-  c.dataset.shuffle_buffer = 2000
+  base.use_digits(c)
   c.dataset.exact_resume = True          # replaying digits costs milliseconds
-  c.dataset.augment.crop_area_min = 0.6     # digits fill the frame: keep most of it
-  c.dataset.augment.random_flip = False     # a flipped digit is another glyph
-  c.dataset.augment.mixup_alpha = 0.0
-  c.dataset.augment.cutmix = False
-  c.dataset.augment.randaugment = False
   return c

@@ -87,7 +87,7 @@ def _digits(c: ml_collections.ConfigDict) -> None:
 
   Steps, warmup and batch are scaled down (300 steps, 100 warmup, batch 128: the recipe's 1/3 warmup
   fraction); LR 0.1 unscaled, weight decay 1e-5, dropout 0.25, stochastic depth 0.1 and EMA as the recipe.
-  Eval preprocessing and augmentation strength follow configs/demo.py (8x8 digits upsampled to 32 px).
+  Data, eval preprocessing and augmentation strength: `base.use_digits`, as in configs/demo.py.
   """
   c.batch_size = 128
   c.training_steps = 300
@@ -97,13 +97,6 @@ def _digits(c: ml_collections.ConfigDict) -> None:
   c.checkpoint_every = 100
   c.eval_batch_size = 200
   c.model.name = 'nfnet_tiny'
-  c.model.num_classes = 10
   c.transfer.warmup_steps = 100
   c.transfer.num_train_examples = 1437          # digits 'train' (the other 360 are 'test')
-  c.dataset.name = 'digits'
-  c.dataset.train_split = 'train'
-  c.dataset.eval_split = 'test'
-  c.dataset.eval_resize_pad = 0
-  c.dataset.shuffle_buffer = 2000
-  c.dataset.augment.crop_area_min = 0.6         # digits fill the frame: keep most of it
-  c.dataset.augment.random_flip = False         # a flipped digit is another glyph
+  base.use_digits(c)
