@@ -33,7 +33,6 @@ import experiment
 import nfnets
 from nfnets import conv as conv_lib
 from nfnets import memory
-from nfnets.memory import peak_rss_bytes
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/f0.py', 'A config file from configs/.')
 _VARIANT = flags.DEFINE_string('variant', 'auto',
@@ -53,18 +52,6 @@ class DoesNotFitError(RuntimeError):
   pass
 
 
-def available_memory_bytes() -> int:
-  """MemAvailable from /proc/meminfo (Linux); a very large number where it cannot be read."""
-  try:
-    with open('/proc/meminfo') as f:
-      for line in f:
-        if line.startswith('MemAvailable:'):
-          return int(line.split()[1]) * 1024
-  except OSError:
-    pass
-  return 1 << 62
-
-
 def xla_memory_bytes(compiled) -> int:
   """XLA's estimate of a compiled program's memory: arguments + outputs + temporaries - aliased."""
   m = compiled.memory_analysis()
@@ -77,7 +64,7 @@ def xla_memory_bytes(compiled) -> int:
 
 
 def check_fits(needed: int, label: str, available: int = None):
-  available = available_memory_bytes() if available is None else available
+  available = memory.available_memory_bytes() if available is None else available
   if needed > available:
     raise DoesNotFitError(
         f'{label} needs about {needed / 2**30:.2f} GiB (XLA estimate of the compiled step), but only '
@@ -151,12 +138,12 @@ class Runner:
     self.compile_time_s = time.perf_counter() - t
     del lowered
     memory.release_free_memory()
-    self.rss_after_compile = peak_rss_bytes()
+    self.rss_after_compile = memory.peak_rss_bytes()
     self.xla_memory_bytes = xla_memory_bytes(self.compiled)
     check_fits(self.xla_memory_bytes, f'{config.model.name} {mode} step ({variant}, batch {config.batch_size})')
     self.batch = xp.put(host_batch)
     self.state = xp.init_state()
-    self.rss_after_init = peak_rss_bytes()
+    self.rss_after_init = memory.peak_rss_bytes()
     self.times, self.cpu_times = [], []
 
   def step(self):
@@ -193,7 +180,7 @@ def run(config, variants, mode='train', batch_size=8, resolution=None, dtype='fl
     for r in runners:
       r.times.append(r.step())
   peak = measure_matmul_peak(jnp.dtype(dtype), peak_matmul_n)
-  rss = peak_rss_bytes()
+  rss = memory.peak_rss_bytes()
   results = []
   for r in runners:
     xp = r.xp
