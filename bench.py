@@ -4,15 +4,17 @@
   python bench.py --config=configs/f0.py --variant=auto,xla      # lowerings side by side, one process
   python bench.py --config=configs/f0.py --mode=eval --json=/tmp/eval.json
 
-The step timed is `Experiment.train_step` (pmapped, state donated) on one device, fed batches placed with
-`Experiment.put`, so it compiles and runs exactly as in training. Several comma-separated --variant values
+The step timed is the experiment's train step (state donated) on one device, compiled by
+`Experiment.compile_train_step` and fed batches placed with `Experiment.put`, so it compiles and runs
+exactly as in training (config.cpu_memory_scheduler included; override it with --cpu_memory_scheduler). Several comma-separated --variant values
 (conv lowerings, see nfnets/conv.py) are compiled in the same process and timed round-robin, so a noisy
 shared machine slows them alike.
 
 Memory: `peak_memory_bytes` is the process's peak resident set (getrusage ru_maxrss) at the end of the
 run, so it covers Python, the libraries, the compiled step, the state and the step's buffers (TensorFlow is
-not imported: the batch is synthetic). The step is compiled from shapes before the state exists, and the
-compiler's freed heap is returned to the OS before the state is built. It describes one variant only when
+not imported: the batch is synthetic). The step is compiled from shapes before the state exists; then, as
+in training, JAX's tracing and compile caches are dropped and the compiler's freed heap is returned to
+the OS before the state is built. It describes one variant only when
 one is benchmarked; `xla_memory_bytes` is XLA's own estimate for each compiled step (arguments + outputs +
 temporaries - donated aliases). That estimate is compared with the machine's available memory right after
 compiling, and a variant that cannot fit stops with a message naming the memory needed.
@@ -44,6 +46,8 @@ _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16', 'float16'
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps per variant, after the warm-up.')
 _WARMUP = flags.DEFINE_integer('warmup', 1, 'Untimed steps per variant after compiling.')
 _REMAT = flags.DEFINE_bool('remat', None, 'Override config.remat (recompute blocks in the backward).')
+_MEMSCHED = flags.DEFINE_bool('cpu_memory_scheduler', None,
+                                'Override config.cpu_memory_scheduler (XLA:CPU memory-optimized scheduler).')
 _JSON = flags.DEFINE_string('json', None, 'Write the results here as JSON.')
 _PEAK_N = flags.DEFINE_integer('peak_matmul_n', 2048, 'Size of the square matmul that measures peak.')
 
@@ -86,7 +90,8 @@ def measure_matmul_peak(dtype, n: int, repeats: int = 5) -> float:
   return 2 * n ** 3 / min(times)
 
 
-def make_config(base, variant: str, batch_size: int, resolution, dtype: str, remat):
+def make_config(base, variant: str, batch_size: int, resolution, dtype: str, remat,
+                cpu_memory_scheduler=None):
   c = base.copy_and_resolve_references()
   c.batch_size = batch_size
   c.grad_accum_steps = 1
@@ -100,6 +105,8 @@ def make_config(base, variant: str, batch_size: int, resolution, dtype: str, rem
     c.dataset.eval_image_size = resolution
   if remat is not None:
     c.remat = remat
+  if cpu_memory_scheduler is not None:
+    c.cpu_memory_scheduler = cpu_memory_scheduler
   return c
 
 
@@ -130,19 +137,20 @@ class Runner:
     batch_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=xp.sharding),
                                 host_batch)
     t = time.perf_counter()
-    if mode == 'train':
-      lowered = xp.train_step.lower(shapes, batch_shapes)
+    if mode == 'train':  # exactly as the trainer compiles it (memory scheduler option, caches freed)
+      self.compiled = xp.compile_train_step(shapes, batch_shapes)
     else:
-      lowered = xp.eval_step.lower(shapes.params, shapes.ema_params, batch_shapes)
-    self.compiled = lowered.compile()
+      self.compiled = xp.eval_step.lower(shapes.params, shapes.ema_params, batch_shapes).compile()
     self.compile_time_s = time.perf_counter() - t
-    del lowered
+    jax.clear_caches()
     memory.release_free_memory()
     self.rss_after_compile = memory.peak_rss_bytes()
     self.xla_memory_bytes = xla_memory_bytes(self.compiled)
     check_fits(self.xla_memory_bytes, f'{config.model.name} {mode} step ({variant}, batch {config.batch_size})')
     self.batch = xp.put(host_batch)
-    self.state = xp.init_state()
+    self.state = jax.block_until_ready(xp.init_state())
+    jax.clear_caches()  # the state constructor's compile caches, as the trainer's first step does
+    memory.release_free_memory()
     self.rss_after_init = memory.peak_rss_bytes()
     self.times, self.cpu_times = [], []
 
@@ -161,13 +169,13 @@ class Runner:
 
 
 def run(config, variants, mode='train', batch_size=8, resolution=None, dtype='float32', steps=5,
-        warmup=1, remat=None, peak_matmul_n=2048, log=print):
+        warmup=1, remat=None, peak_matmul_n=2048, log=print, cpu_memory_scheduler=None):
   """Benchmarks each variant; returns one result dict per variant (keys as documented in the module)."""
   for v in variants:
     conv_lib.resolve_impl(v, 2)  # validates the name before any compile
   runners = []
   for v in variants:
-    cfg = make_config(config, v, batch_size, resolution, dtype, remat)
+    cfg = make_config(config, v, batch_size, resolution, dtype, remat, cpu_memory_scheduler)
     r = Runner(cfg, v, mode)
     log(f'[{v}] compiled in {r.compile_time_s:.1f} s; XLA memory estimate '
         f'{r.xla_memory_bytes / 2**30:.2f} GiB; peak RSS after compile {r.rss_after_compile / 2**30:.2f} GiB, '
@@ -194,7 +202,8 @@ def run(config, variants, mode='train', batch_size=8, resolution=None, dtype='fl
         'model': xp.config.model.name, 'mode': mode, 'variant': r.variant,
         'resolved_impl_grouped': conv_lib.resolve_impl(r.variant, 2),
         'backend': jax.default_backend(), 'batch_size': batch_size, 'resolution': size, 'dtype': dtype,
-        'remat': bool(xp.config.remat), 'steps': steps,
+        'remat': bool(xp.config.remat), 'cpu_memory_scheduler': bool(xp.config.cpu_memory_scheduler),
+        'steps': steps,
         'compile_time_s': r.compile_time_s, 'step_time_s': step_time,
         'step_times_s': r.times, 'images_per_sec': ips,
         # Process CPU seconds per step (all threads): less sensitive to other users' load than wall time.
@@ -211,7 +220,8 @@ def main(argv):
   variants = [v.strip() for v in _VARIANT.value.split(',') if v.strip()]
   try:
     results = run(_CONFIG.value, variants, _MODE.value, _BATCH.value, _RES.value, _DTYPE.value,
-                  _STEPS.value, _WARMUP.value, _REMAT.value, _PEAK_N.value)
+                  _STEPS.value, _WARMUP.value, _REMAT.value, _PEAK_N.value,
+                  cpu_memory_scheduler=_MEMSCHED.value)
   except DoesNotFitError as e:
     print(f'bench.py: {e}', file=sys.stderr)
     sys.exit(2)

@@ -26,6 +26,9 @@ def get_config(model_name: str = 'F0') -> ml_collections.ConfigDict:
   c.eval_batch_size = 500             # global; the last batch is padded and masked
   c.init_from = ''                    # a checkpoint or released weights to initialise params from
   c.remat = False                     # jax.checkpoint each block: less memory, ~30% more compute
+  # CPU only: compile the train step with XLA's memory-optimized instruction scheduler instead of its
+  # concurrency-optimized default (F0, batch 8: peak RSS 2.85 -> 2.48 GiB, ~9% slower; README "Memory").
+  c.cpu_memory_scheduler = True
 
   c.model = ml_collections.ConfigDict()
   c.model.name = model_name           # a registry name: 'F0'..'F7', 'F0+'..'F7+', 'nf_resnet50', ...

@@ -197,3 +197,36 @@ def test_eval_counts_every_example(tmp_path):
   for k in ('top1', 'top5', 'ema_top1', 'ema_top5'):
     assert 0.0 <= metrics[k] <= 1.0
   assert metrics['top1'] == metrics['ema_top1']  # EMA == params at init
+
+
+@pytest.mark.parametrize('num_devices', [1, 2])
+def test_train_step_updates_the_donated_state_in_place(num_devices):
+  """XLA writes the new params, momentum and EMA into the donated buffers: the compiled step copies none
+  of them first (under pmap's per-device squeeze, or with optax's update form, it copied every one)."""
+  xp = experiment.Experiment(tiny_config(), devices=jax.local_devices()[:num_devices])
+  shapes = xp.abstract_replicated(xp.state_shapes())
+  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=xp.sharding),
+                       fake_batch(num_devices, xp.per_device_batch))
+  compiled = xp.compile_train_step(shapes, batch)
+  hlo = compiled.as_text()
+  entry = hlo[hlo.index('\nENTRY'):]
+  params = entry.split('{', 1)[0]   # ENTRY %name (param: shape, ...) -> ...
+  n_state = len(jax.tree.leaves(shapes))
+  state_names = [p.split(':')[0].strip(' (%') for p in params.split('->')[0].split(', ')][:n_state]
+  big = [n for n, leaf in zip(state_names, jax.tree.leaves(shapes)) if leaf.size >= 64]
+  assert len(big) > 100
+  copied = [n for n in big if f'copy(%{n})' in entry]
+  assert not copied, f'{len(copied)} of {len(big)} state buffers are copied before their update'
+  m = compiled.memory_analysis()
+  # Every state buffer is aliased to its output (only the batch is an argument that is not); the
+  # analysis is per device.
+  state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+  assert m.alias_size_in_bytes == state_bytes // num_devices
+
+
+def test_train_step_compiles_once_per_input_signature():
+  xp = experiment.Experiment(tiny_config(), devices=jax.local_devices()[:1])
+  state = xp.init_state()
+  for seed in range(3):
+    state, _ = xp.train_step(state, xp.put(fake_batch(1, xp.per_device_batch, seed=seed)))
+  assert len(xp._compiled_train_steps) == 1  # pylint: disable=protected-access
