@@ -96,8 +96,8 @@ class Experiment:
     pmap_devices = self.devices if jax.process_count() == 1 else None
     if jax.process_count() == 1:
       # pmap's semantics and layout (leading device axis, collectives over AXIS) as jit(shard_map(vmap)):
-      # pmap squeezes that axis inside, and XLA then copies every donated state buffer instead of updating
-      # it in place (F0: +0.13 GiB at the step's peak with the memory scheduler). vmap over the size-1
+      # pmap squeezes that axis inside, and XLA then copies the donated state buffers instead of updating
+      # them in place (F0: +0.13 GiB at the step's peak with the memory scheduler). vmap over the size-1
       # per-device block keeps the buffers' shapes. A multi-process run keeps pmap, which builds the
       # global arrays from each process's local ones.
       spec = jax.sharding.PartitionSpec(AXIS)
