@@ -6,17 +6,17 @@
 
 The step timed is the experiment's train step (state donated) on one device, compiled by
 `Experiment.compile_train_step` and fed batches placed with `Experiment.put`, so it compiles and runs
-exactly as in training (config.cpu_memory_scheduler included; override it with --cpu_memory_scheduler). Several comma-separated --variant values
-(conv lowerings, see nfnets/conv.py) are compiled in the same process and timed round-robin, so a noisy
-shared machine slows them alike.
+exactly as in training (config.cpu_memory_scheduler included; override it with --cpu_memory_scheduler).
+Several comma-separated --variant values (conv lowerings, see nfnets/conv.py) are compiled in the same
+process and timed round-robin, so a noisy shared machine slows them alike.
 
 Memory: `peak_memory_bytes` is the process's peak resident set (getrusage ru_maxrss) at the end of the
 run, so it covers Python, the libraries, the compiled step, the state and the step's buffers (TensorFlow is
 not imported: the batch is synthetic). The step is compiled from shapes before the state exists; then, as
 in training, JAX's tracing and compile caches are dropped and the compiler's freed heap is returned to
-the OS before the state is built. It describes one variant only when
-one is benchmarked; `xla_memory_bytes` is XLA's own estimate for each compiled step (arguments + outputs +
-temporaries - donated aliases). That estimate is compared with the machine's available memory right after
+the OS before the state is built. It describes one variant only when one is benchmarked;
+`xla_memory_bytes` is XLA's own estimate for each compiled step (arguments + outputs + temporaries -
+donated aliases). That estimate is compared with the machine's available memory right after
 compiling, and a variant that cannot fit stops with a message naming the memory needed.
 """
 import json
@@ -142,15 +142,14 @@ class Runner:
     else:
       self.compiled = xp.eval_step.lower(shapes.params, shapes.ema_params, batch_shapes).compile()
     self.compile_time_s = time.perf_counter() - t
-    jax.clear_caches()
-    memory.release_free_memory()
+    if mode != 'train':  # compile_train_step already did this
+      memory.drop_compile_caches()
     self.rss_after_compile = memory.peak_rss_bytes()
     self.xla_memory_bytes = xla_memory_bytes(self.compiled)
     check_fits(self.xla_memory_bytes, f'{config.model.name} {mode} step ({variant}, batch {config.batch_size})')
     self.batch = xp.put(host_batch)
     self.state = jax.block_until_ready(xp.init_state())
-    jax.clear_caches()  # the state constructor's compile caches, as the trainer's first step does
-    memory.release_free_memory()
+    memory.drop_compile_caches()  # the state constructor's; in training, the step's compile drops them
     self.rss_after_init = memory.peak_rss_bytes()
     self.times, self.cpu_times = [], []
 

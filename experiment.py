@@ -198,20 +198,20 @@ class Experiment:
       # effect in jax 0.10; the enum does.)
       options['xla_cpu_scheduler_type'] = 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'
     compiled = self.jitted_train_step.lower(state, batch).compile(compiler_options=options or None)
-    jax.clear_caches()
-    memory.release_free_memory()
+    memory.drop_compile_caches()
     return compiled
 
   def train_step(self, state: TrainState, batch):
     """One optimizer step on the replicated `state` (donated: do not reuse it) and a device batch.
     Returns `(new_state, metrics)`; the metrics have the leading device axis. In a single-process run it
-    is compiled on the first call for each input signature (see `compile_train_step`)."""
+    is compiled on the first call for each batch signature (see `compile_train_step`)."""
     if jax.process_count() > 1:
       # pmap's own dispatch: it takes each process's local arrays, where an ahead-of-time compiled pmap
       # expects global ones.
       return self.jitted_train_step(state, batch)
-    key = jax.tree.map(lambda x: (x.shape, x.dtype), (state, batch))
-    key = (jax.tree.structure(key), tuple(jax.tree.leaves(key)))
+    # The state's signature is fixed by the config (a mismatching state is rejected by the executable),
+    # so only the batch's is looked up: a few leaves, not the whole state, on every step.
+    key = (jax.tree.structure(batch), tuple((x.shape, x.dtype) for x in jax.tree.leaves(batch)))
     if key not in self._compiled_train_steps:
       self._compiled_train_steps[key] = self.compile_train_step(state, batch)
     return self._compiled_train_steps[key](state, batch)

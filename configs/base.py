@@ -28,7 +28,7 @@ def get_config(model_name: str = 'F0') -> ml_collections.ConfigDict:
   c.remat = False                     # jax.checkpoint each block: less memory, ~30% more compute
                                       # (on XLA:CPU it saves little: README, Performance, Memory)
   # CPU only: compile the train step with XLA's memory-optimized instruction scheduler instead of its
-  # concurrency-optimized default (F0, batch 8: peak RSS 2.85 -> 2.48 GiB, ~9% slower; README "Memory").
+  # concurrency-optimized default (F0, batch 8: peak RSS 2.83 -> 2.50 GiB; README "Memory").
   c.cpu_memory_scheduler = True
 
   c.model = ml_collections.ConfigDict()

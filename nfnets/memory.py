@@ -4,6 +4,8 @@ import ctypes.util
 import resource
 import sys
 
+import jax
+
 
 def peak_rss_bytes() -> int:
   """The process's peak resident set so far (getrusage ru_maxrss; never reset)."""
@@ -37,3 +39,11 @@ def release_free_memory() -> bool:
     return bool(libc.malloc_trim(0))
   except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim
     return False
+
+
+def drop_compile_caches() -> None:
+  """After an ahead-of-time compile: clears JAX's tracing, lowering and compilation caches (the compiled
+  executable a caller holds does not need them; F0's train step on CPU: 0.3 GiB) and returns the freed
+  heap to the OS. Jitted functions called later recompile on their next call."""
+  jax.clear_caches()
+  release_free_memory()

@@ -110,9 +110,10 @@ def apply_step(opt_config, schedule: Callable, grads, opt_state, params, keep: C
   """
   state = list(opt_state)
   g = grads
-  for i, tx in enumerate(_gradient_transforms(opt_config)):  # stateless: their states pass through
+  head = _gradient_transforms(opt_config)
+  for i, tx in enumerate(head):  # stateless: their states pass through
     g, _ = tx.update(g, state[i], params)
-  i = len(_gradient_transforms(opt_config))
+  i = len(head)
   if opt_config.momentum:
     mu = opt_config.momentum
     # optax.trace: new trace = g + mu * trace; Nesterov direction = g + mu * new trace.
