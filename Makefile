@@ -22,7 +22,7 @@ demo: venv
 	JAX_PLATFORMS=cpu TF_CPP_MIN_LOG_LEVEL=2 $(PY) train.py --config=configs/demo.py --workdir=runs/demo
 
 bench: venv
-	JAX_PLATFORMS=cpu TF_CPP_MIN_LOG_LEVEL=2 $(PY) bench.py --config=configs/f0.py --batch_size=8 --resolution=192 --steps=5
+	JAX_PLATFORMS=cpu TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m benchmarks.bench --config=configs/f0.py --batch_size=8 --resolution=192 --steps=5
 
 clean:
 	rm -rf runs .pytest_cache

@@ -5,7 +5,7 @@ A restart with the same workdir resumes from the latest checkpoint.
 
 Multi-process (TPU pods, GPU clusters): see nfnets/distributed.py. On a TPU pod or under SLURM nothing extra
 is needed; elsewhere start one process per host with --coordinator_address/--num_processes/--process_id.
-`launch_local.py` starts several processes on this machine for testing.
+`python -m tools.launch_local` starts several processes on this machine for testing.
 """
 from absl import app
 from absl import flags

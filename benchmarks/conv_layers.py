@@ -1,6 +1,6 @@
 """Forward+backward time of every conv shape of NFNet-F0 (batch 8, 192 px) under each lowering.
 
-  python benchmarks/conv_layers.py [--impls=xla,split,matmul] [--reps=5] [--filter=g6]
+  python -m benchmarks.conv_layers [--impls=xla,split,matmul] [--reps=5] [--filter=g6]
 
 Each shape runs value_and_grad w.r.t. input and kernel; times are medians over --reps, the lowerings
 interleaved so machine load hits them alike. Totals weight each shape by how often F0 uses it.
@@ -8,14 +8,12 @@ interleaved so machine load hits them alike. Totals weight each shape by how oft
 import argparse
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
+import jax.numpy as jnp
 
-from nfnets import conv as conv_lib  # noqa: E402
+from nfnets import conv as conv_lib
 
 B = 8
 # (name, H_in, Cin, Cout, k, stride, groups, count in F0)

@@ -1,6 +1,6 @@
 """Data-parallel scaling: train-step images/s against device count, per-device batch fixed (weak scaling).
 
-  python benchmarks/scaling.py --config=configs/demo.py --devices=1,2,4,8 --per_device_batch=16
+  python -m benchmarks.scaling --config=configs/demo.py --devices=1,2,4,8 --per_device_batch=16
 
 Times `Experiment.train_step` (pmap over the first n local devices, gradients pmean'd) with a global batch
 of n x per_device_batch. Efficiency(n) = images/s(n) / (n x images/s(1)); 100% is perfect scaling.
@@ -12,17 +12,15 @@ other users of a shared machine hits them alike.
 import json
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-import jax  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-import numpy as np  # noqa: E402
+from absl import app
+from absl import flags
+import jax
+from ml_collections import config_flags
+import numpy as np
 
-import experiment  # noqa: E402
+import experiment
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/demo.py', 'A config file from configs/.')
 _DEVICES = flags.DEFINE_list('devices', ['1', '2', '4', '8'], 'Device counts to time.')

@@ -1,7 +1,7 @@
 """The AGC study (paper §4.1, Fig. 2) at CPU scale, on the built-in digits data at 32 px.
 
 The swept fields are batch_size (with training_steps), optimizer.base_lr and optimizer.agc.enabled /
-clipping; the driver is `python -m nfnets.research.agc_study`. As in the paper: a pre-activation NF-ResNet,
+clipping; the driver is `python -m research.agc_study`. As in the paper: a pre-activation NF-ResNet,
 SGD-Nesterov, base LR per 256 images scaled linearly with the batch, crop augmentation only, no
 MixUp/CutMix/RandAugment, no label smoothing. Unlike the paper:
 - a small NF-ResNet (the NF-ResNet block design, one bottleneck block per stage, ResNet-50's channels / 4:

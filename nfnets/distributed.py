@@ -2,7 +2,7 @@
 
 Where the processes come from, first match wins:
   1. flags: --coordinator_address, --num_processes, --process_id (all three, or none);
-  2. the environment: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID (what launch_local.py sets);
+  2. the environment: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID (what tools/launch_local.py sets);
   3. SLURM (SLURM_JOB_ID, SLURM_STEP_NODELIST, SLURM_NTASKS > 1, SLURM_PROCID, SLURM_LOCALID);
   4. a Cloud TPU VM (libtpu installed): JAX's own TPU detection; one host is a plain single process;
   5. otherwise one process, no distributed runtime.

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-import bench
+from benchmarks import bench
 from configs import demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,7 +18,7 @@ def test_bench_cli_writes_json(tmp_path, mode):
   path = tmp_path / 'out.json'
   env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
   env.pop('XLA_FLAGS', None)  # one device, as a user runs it
-  subprocess.run([sys.executable, 'bench.py', '--config=configs/demo.py', f'--mode={mode}',
+  subprocess.run([sys.executable, '-m', 'benchmarks.bench', '--config=configs/demo.py', f'--mode={mode}',
                   '--batch_size=2', '--resolution=32', '--steps=2', '--peak_matmul_n=256',
                   f'--json={path}'], cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
   r = json.loads(path.read_text())
@@ -45,7 +45,7 @@ def test_unknown_variant_fails_before_compiling():
 def test_fake_data_paths_do_not_import_tensorflow():
   """bench.py and an Experiment on fake data run without TensorFlow (~0.5 GiB of resident memory); the
   data pipeline still loads it on first use."""
-  code = ('import sys, experiment, bench\n'
+  code = ('import sys, experiment\nfrom benchmarks import bench\n'
           'from configs import f0\n'
           'c = f0.get_config(); c.dataset.name = "fake"\n'
           'xp = experiment.Experiment(c)\n'

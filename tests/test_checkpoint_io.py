@@ -306,7 +306,7 @@ def test_truncated_and_missing_files(tiny, tmp_path):
 
 
 def test_export_weights_cli(tiny, tmp_path, capsys):
-  import export_weights
+  from tools import export_weights
   released = _dump(tiny, tmp_path / 'F_haiku.npz', 'dill')
   assert export_weights.main([str(released), str(tmp_path / 'timm.npz'), '--to', 'timm']) == 0
   assert export_weights.main([str(tmp_path / 'timm.npz'), str(tmp_path / 'flat.npz')]) == 0

@@ -18,7 +18,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import launch_local  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tools import launch_local  # pylint: disable=g-import-not-at-top,wrong-import-position
 from nfnets import distributed  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Faster XLA:CPU compiles (compile time dominates these short runs); used by both sides of a comparison.

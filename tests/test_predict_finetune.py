@@ -10,7 +10,7 @@ from PIL import Image
 import pytest
 
 import experiment
-import predict
+from tools import predict
 from configs import demo, finetune
 from nfnets import checkpoint
 from nfnets.train_state import TrainState, replicate, unreplicate
@@ -121,7 +121,7 @@ def test_predict_cli(tiny_weights, images, tmp_path):
   paths, _ = images
   classes = tmp_path / 'classes.txt'
   classes.write_text(''.join(f'n{i:08d}\tthing {i}\n' for i in range(1000)))
-  proc = subprocess.run([sys.executable, 'predict.py', f'--weights={tiny_weights}', '--top=3', '--json',
+  proc = subprocess.run([sys.executable, '-m', 'tools.predict', f'--weights={tiny_weights}', '--top=3', '--json',
                          f'--classes={classes}', '--conv_impl=xla', *paths[:2]],
                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -129,7 +129,7 @@ def test_predict_cli(tiny_weights, images, tmp_path):
   assert [r['image'] for r in out] == paths[:2]
   assert all(len(r['top']) == 3 and r['top'][0]['label'] == f"thing {r['top'][0]['index']}" for r in out)
   # A missing image fails before the weights are read, with the file named.
-  proc = subprocess.run([sys.executable, 'predict.py', f'--weights={tiny_weights}', paths[0], 'missing.png'],
+  proc = subprocess.run([sys.executable, '-m', 'tools.predict', f'--weights={tiny_weights}', paths[0], 'missing.png'],
                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 1 and 'missing.png: no such file' in proc.stderr and not proc.stdout
 

@@ -9,11 +9,13 @@ import textwrap
 import numpy as np
 import pytest
 
-from nfnets.research import agc_study
-from nfnets.research import spp
-from nfnets.research import sweep
+from research import agc_study
+from research import spp
+from research import sweep_grid
+from research import sweep_runs
+from research import sweep_summary
 
-DEMO = os.path.join(sweep.REPO_ROOT, 'configs', 'demo.py')
+DEMO = os.path.join(sweep_grid.REPO_ROOT, 'configs', 'demo.py')
 
 # Stands in for train.py: logs a final eval whose top1 encodes the run, crashes or "diverges" on request,
 # and counts its invocations.
@@ -55,25 +57,25 @@ def _calls(workdir):
 
 
 def test_grid_expansion_names_and_validation(tmp_path):
-  axes = [sweep.parse_sweep_flag('optimizer.agc.clipping=0.01,0.02,0.04'),
-          sweep.parse_sweep_flag('batch_size=256,1024')]
-  points = sweep.grid(*axes)
+  axes = [sweep_grid.parse_sweep_flag('optimizer.agc.clipping=0.01,0.02,0.04'),
+          sweep_grid.parse_sweep_flag('batch_size=256,1024')]
+  points = sweep_grid.grid(*axes)
   assert len(points) == 6
   assert points[:2] == [{'optimizer.agc.clipping': '0.01', 'batch_size': '256'},
                         {'optimizer.agc.clipping': '0.01', 'batch_size': '1024'}]  # last axis fastest
-  runs = sweep.make_runs(DEMO, str(tmp_path), points, fixed={'training_steps': 7})
+  runs = sweep_grid.make_runs(DEMO, str(tmp_path), points, fixed={'training_steps': 7})
   assert [r.name for r in runs][:2] == ['optimizer.agc.clipping=0.01,batch_size=256',
                                         'optimizer.agc.clipping=0.01,batch_size=1024']
   assert len({r.workdir for r in runs}) == 6 and all(r.training_steps == 7 for r in runs)
   assert runs[0].overrides == {'training_steps': '7', 'optimizer.agc.clipping': '0.01', 'batch_size': '256'}
-  cmd = sweep.train_command(runs[0], DEMO)
+  cmd = sweep_runs.train_command(runs[0], DEMO)
   assert cmd[2:] == [f'--workdir={runs[0].workdir}', f'--config={DEMO}', '--config.training_steps=7',
                      '--config.optimizer.agc.clipping=0.01', '--config.batch_size=256']
   # The resolved config is what train.py would parse.
-  config = sweep.resolve_config(DEMO, runs[0].overrides)
+  config = sweep_grid.resolve_config(DEMO, runs[0].overrides)
   assert config.batch_size == 256 and config.optimizer.agc.clipping == 0.01
   # An axis may set several fields at once (the AGC study's "off | lambda" axis).
-  mixed = sweep.grid(agc_study.agc_axis([0.01]), [{'batch_size': '64'}])
+  mixed = sweep_grid.grid(agc_study.agc_axis([0.01]), [{'batch_size': '64'}])
   assert mixed == [{'optimizer.agc.enabled': 'False', 'batch_size': '64'},
                    {'optimizer.agc.enabled': 'True', 'optimizer.agc.clipping': '0.01', 'batch_size': '64'}]
 
@@ -88,29 +90,29 @@ def test_grid_expansion_names_and_validation(tmp_path):
     ('batch_size=big', 'batch_size=big'),
 ])
 def test_bad_sweeps_fail_before_anything_runs(tmp_path, spec, message):
-  with pytest.raises(sweep.SweepError, match=message):
-    sweep.make_runs(DEMO, str(tmp_path), sweep.grid(sweep.parse_sweep_flag(spec)))
+  with pytest.raises(sweep_grid.SweepError, match=message):
+    sweep_grid.make_runs(DEMO, str(tmp_path), sweep_grid.grid(sweep_grid.parse_sweep_flag(spec)))
   assert not os.listdir(tmp_path)
 
 
 def test_bad_fixed_override_and_config(tmp_path):
-  with pytest.raises(sweep.SweepError, match="no field 'model.widht'"):
-    sweep.make_runs(DEMO, str(tmp_path), [{}], fixed={'model.widht': 2})
-  with pytest.raises(sweep.SweepError, match='both fixed and swept'):
-    sweep.make_runs(DEMO, str(tmp_path), sweep.grid(sweep.axis('batch_size', [1, 2])),
+  with pytest.raises(sweep_grid.SweepError, match="no field 'model.widht'"):
+    sweep_grid.make_runs(DEMO, str(tmp_path), [{}], fixed={'model.widht': 2})
+  with pytest.raises(sweep_grid.SweepError, match='both fixed and swept'):
+    sweep_grid.make_runs(DEMO, str(tmp_path), sweep_grid.grid(sweep_grid.axis('batch_size', [1, 2])),
                     fixed={'batch_size': 4})
-  with pytest.raises(sweep.SweepError, match='does not exist'):
-    sweep.make_runs(str(tmp_path / 'nope.py'), str(tmp_path), [{}])
+  with pytest.raises(sweep_grid.SweepError, match='does not exist'):
+    sweep_grid.make_runs(str(tmp_path / 'nope.py'), str(tmp_path), [{}])
 
 
 def test_cli_reports_bad_field_and_prints_commands(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
-  cli = [sys.executable, os.path.join(sweep.REPO_ROOT, 'sweep.py'), f'--config={DEMO}',
+  cli = [sys.executable, '-m', 'research.sweep', f'--config={DEMO}',
          f'--workdir={tmp_path}']
-  bad = subprocess.run(cli + ['--sweep=optimizer.agc.nope=1,2'], capture_output=True, text=True, env=env)
+  bad = subprocess.run(cli + ['--sweep=optimizer.agc.nope=1,2'], capture_output=True, text=True, env=env, cwd=sweep_grid.REPO_ROOT)
   assert bad.returncode == 2 and "no field 'optimizer.agc.nope'" in bad.stderr
   ok = subprocess.run(cli + ['--sweep=batch_size=256,1024', '--config.training_steps=3', '--print_commands'],
-                      capture_output=True, text=True, env=env)
+                      capture_output=True, text=True, env=env, cwd=sweep_grid.REPO_ROOT)
   assert ok.returncode == 0, ok.stderr
   lines = ok.stdout.strip().splitlines()
   assert len(lines) == 2 and all('train.py' in l and '--config.training_steps=3' in l for l in lines)
@@ -119,9 +121,9 @@ def test_cli_reports_bad_field_and_prints_commands(tmp_path):
 
 def test_sweep_runs_resumes_and_isolates_failures(tmp_path, fake_train):
   wd = str(tmp_path / 'sweep')
-  points = sweep.grid(sweep.axis('optimizer.agc.clipping', [0.01, 0.08, 0.16]), sweep.axis('batch_size', [256, 1024]))
-  runs = sweep.make_runs(DEMO, wd, points, fixed={'training_steps': 5})
-  results = sweep.run_sweep(runs, DEMO, parallel=3, train_script=fake_train, log=lambda *_: None)
+  points = sweep_grid.grid(sweep_grid.axis('optimizer.agc.clipping', [0.01, 0.08, 0.16]), sweep_grid.axis('batch_size', [256, 1024]))
+  runs = sweep_grid.make_runs(DEMO, wd, points, fixed={'training_steps': 5})
+  results = sweep_runs.run_sweep(runs, DEMO, parallel=3, train_script=fake_train, log=lambda *_: None)
   status = {r.run.name: r.status for r in results}
   assert status == {
       'optimizer.agc.clipping=0.01,batch_size=256': 'done',
@@ -134,20 +136,20 @@ def test_sweep_runs_resumes_and_isolates_failures(tmp_path, fake_train):
   assert crashed.returncode == 3 and 'simulated crash' in crashed.stderr_tail
   assert len(_calls(wd)) == 6
   # Resume: nothing finished or failed runs again; an interrupted run (no marker, no final eval) does.
-  os.remove(os.path.join(runs[0].workdir, sweep.DONE_MARKER))
+  os.remove(os.path.join(runs[0].workdir, sweep_runs.DONE_MARKER))
   os.remove(os.path.join(runs[0].workdir, 'metrics.jsonl'))
-  again = sweep.run_sweep(runs, DEMO, parallel=2, train_script=fake_train, log=lambda *_: None)
+  again = sweep_runs.run_sweep(runs, DEMO, parallel=2, train_script=fake_train, log=lambda *_: None)
   assert _calls(wd)[6:] == [runs[0].name]
   assert [r.skipped for r in again] == [False] + [True] * 5
   # A run whose metrics show a final eval counts as done even without the DONE marker (cluster runs).
-  os.remove(os.path.join(runs[1].workdir, sweep.DONE_MARKER))
-  assert sweep.run_state(runs[1]).status == 'done'
+  os.remove(os.path.join(runs[1].workdir, sweep_runs.DONE_MARKER))
+  assert sweep_runs.run_state(runs[1]).status == 'done'
   # --retry_failed reruns only the failed and diverged ones.
-  sweep.run_sweep(runs, DEMO, retry_failed=True, train_script=fake_train, log=lambda *_: None)
+  sweep_runs.run_sweep(runs, DEMO, retry_failed=True, train_script=fake_train, log=lambda *_: None)
   assert sorted(_calls(wd)[7:]) == sorted(r.name for r in runs if 'clipping=0.16' in r.name or
                                           r.name == 'optimizer.agc.clipping=0.08,batch_size=1024')
   # The summary marks the failures and keeps the finished results.
-  rows = sweep.write_summary(wd, runs)
+  rows = sweep_summary.write_summary(wd, runs)
   by = {r['run']: r for r in rows}
   assert by['optimizer.agc.clipping=0.16,batch_size=256']['status'] == 'failed'
   assert by['optimizer.agc.clipping=0.16,batch_size=256']['returncode'] == 3
@@ -168,22 +170,22 @@ def _fake_run(run, top1=None, step=None, failed=None):
                           'ema_top1': top1 - 0.01, 'num_examples': 360}) + '\n')
     f.write('{"step": 99, "kind": "tr')  # a line cut short by a killed writer
   if failed:
-    with open(os.path.join(run.workdir, sweep.FAILED_MARKER), 'w') as f:
+    with open(os.path.join(run.workdir, sweep_runs.FAILED_MARKER), 'w') as f:
       json.dump({'status': failed, 'returncode': 1, 'wall_s': 2.0,
                  'stderr_tail': 'x\nexperiment.NonFiniteLossError: Loss or gradient became NaN/Inf at step 2'}, f)
 
 
 def test_summary_aggregates_fake_run_dirs(tmp_path):
   wd = str(tmp_path)
-  points = sweep.grid(sweep.axis('optimizer.agc.clipping', [0.01, 0.04, 0.16]), sweep.axis('batch_size', [256, 1024]))
-  runs = sweep.make_runs(DEMO, wd, points, fixed={'training_steps': 4})
+  points = sweep_grid.grid(sweep_grid.axis('optimizer.agc.clipping', [0.01, 0.04, 0.16]), sweep_grid.axis('batch_size', [256, 1024]))
+  runs = sweep_grid.make_runs(DEMO, wd, points, fixed={'training_steps': 4})
   tops = {0: 0.91, 1: 0.85, 2: 0.93, 4: 0.7}
   for i, run in enumerate(runs):
     if i in tops:
       _fake_run(run, tops[i])
   _fake_run(runs[3], failed='diverged', step=2)
   _fake_run(runs[5], step=3)  # interrupted: no final eval, no marker
-  rows = sweep.write_summary(wd, runs)
+  rows = sweep_summary.write_summary(wd, runs)
   assert [r['status'] for r in rows] == ['done', 'done', 'done', 'diverged', 'done', 'pending']
   assert [r['top1'] for r in rows] == [0.91, 0.85, 0.93, None, 0.7, None]
   assert rows[0]['ema_top1'] == pytest.approx(0.90)
@@ -199,7 +201,7 @@ def test_summary_aggregates_fake_run_dirs(tmp_path):
   assert md.startswith('# Sweep summary: 6 runs, 4 done, 1 diverged, 1 pending')
   assert md.count('\n| optimizer.agc.clipping=') == 6
   assert os.path.getsize(os.path.join(wd, 'summary.png')) > 10_000
-  assert sweep.default_plot_axes(runs) == ('optimizer.agc.clipping', 'batch_size')
+  assert sweep_summary.default_plot_axes(runs) == ('optimizer.agc.clipping', 'batch_size')
 
 
 def test_agc_study_grid_table_and_plot(tmp_path):
@@ -221,17 +223,17 @@ def test_agc_study_grid_table_and_plot(tmp_path):
 
 
 def test_agc_study_model_description_and_set_flag(tmp_path):
-  cfg = sweep.resolve_config(agc_study.CONFIG)
+  cfg = sweep_grid.resolve_config(agc_study.CONFIG)
   assert agc_study.describe_model(cfg.model) == (
       'nf_resnet26 (depths 1-1-1-1, width 1, skip gains at init 1)')
-  cfg = sweep.resolve_config(agc_study.CONFIG, {'model.skip_gain_init': '0'})
+  cfg = sweep_grid.resolve_config(agc_study.CONFIG, {'model.skip_gain_init': '0'})
   assert agc_study.describe_model(cfg.model) == 'nf_resnet26 (depths 1-1-1-1, width 1)'
   # --set is validated against the config before any run starts.
-  cmd = [sys.executable, '-m', 'nfnets.research.agc_study', f'--workdir={tmp_path}', '--set=model.widht=2']
-  out = subprocess.run(cmd, capture_output=True, text=True, cwd=sweep.REPO_ROOT, timeout=300)
+  cmd = [sys.executable, '-m', 'research.agc_study', f'--workdir={tmp_path}', '--set=model.widht=2']
+  out = subprocess.run(cmd, capture_output=True, text=True, cwd=sweep_grid.REPO_ROOT, timeout=300)
   assert out.returncode == 2 and "no field 'model.widht'" in out.stderr
   cmd[-1] = '--set=model.width'
-  out = subprocess.run(cmd, capture_output=True, text=True, cwd=sweep.REPO_ROOT, timeout=300)
+  out = subprocess.run(cmd, capture_output=True, text=True, cwd=sweep_grid.REPO_ROOT, timeout=300)
   assert out.returncode == 2 and "--set takes field=value, got 'model.width'" in out.stderr
   assert not os.listdir(tmp_path)
 

@@ -1,8 +1,8 @@
 """Times the experiment's own train (or eval) step: compile time, median step time, images/s, FLOP/s, MFU.
 
-  python bench.py --config=configs/f0.py --batch_size=8 --resolution=192 --dtype=float32 --steps=5
-  python bench.py --config=configs/f0.py --variant=auto,xla      # lowerings side by side, one process
-  python bench.py --config=configs/f0.py --mode=eval --json=/tmp/eval.json
+  python -m benchmarks.bench --config=configs/f0.py --batch_size=8 --resolution=192 --dtype=float32 --steps=5
+  python -m benchmarks.bench --config=configs/f0.py --variant=auto,xla      # lowerings side by side, one process
+  python -m benchmarks.bench --config=configs/f0.py --mode=eval --json=/tmp/eval.json
 
 The step timed is the experiment's train step (state donated) on one device, compiled by
 `Experiment.compile_train_step` and fed batches placed with `Experiment.put`, so it compiles and runs
@@ -222,7 +222,7 @@ def main(argv):
                   _STEPS.value, _WARMUP.value, _REMAT.value, _PEAK_N.value,
                   cpu_memory_scheduler=_MEMSCHED.value)
   except DoesNotFitError as e:
-    print(f'bench.py: {e}', file=sys.stderr)
+    print(f'benchmarks.bench: {e}', file=sys.stderr)
     sys.exit(2)
   for r in results:
     print(f"{r['model']} {r['mode']} [{r['variant']}] batch {r['batch_size']} @ {r['resolution']} px "

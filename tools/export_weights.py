@@ -1,8 +1,8 @@
 """Converts NFNet weights between DeepMind's released files, timm state dicts and a flat .npz.
 
-  python export_weights.py F0_haiku.npz dm_nfnet_f0.safetensors   # released -> timm (safetensors or .npz)
-  python export_weights.py F0_haiku.npz f0_flat.npz                # released -> flat Haiku .npz
-  python export_weights.py model.safetensors f0_flat.npz --model F0  # timm -> flat Haiku .npz
+  python -m tools.export_weights F0_haiku.npz dm_nfnet_f0.safetensors   # released -> timm (safetensors or .npz)
+  python -m tools.export_weights F0_haiku.npz f0_flat.npz                # released -> flat Haiku .npz
+  python -m tools.export_weights model.safetensors f0_flat.npz --model F0  # timm -> flat Haiku .npz
 
 The source is read as timm if it is .safetensors/.pth/.pt/.bin or a .npz of timm names, else as released
 Haiku weights; it is checked against the registry model (`--model`, detected when omitted) before writing.

@@ -1,6 +1,6 @@
 """Signal-propagation plots (Brock et al. 2021a): per-block activation statistics of a model at init.
 
-    python -m nfnets.research.spp --model=F0 --out=docs/spp_f0.png [--input=gaussian|digits]
+    python -m research.spp --model=F0 --out=docs/spp_f0.png [--input=gaussian|digits]
 
 For each residual block, measured at the block's output over a batch: the average channel squared mean,
 the average channel variance, and the variance of the residual branch (before alpha * skip_gain). Two

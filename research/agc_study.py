@@ -1,9 +1,9 @@
 """The paper's AGC study (§4.1, Fig. 2) at CPU scale: batch size x learning rate x (no AGC | lambda).
 
-    python -m nfnets.research.agc_study --workdir=runs/agc_study --parallel=2 \
+    python -m research.agc_study --workdir=runs/agc_study --parallel=2 \
         [--out_png=docs/agc_study.png] [--out_md=docs/agc_study.md]
 
-Every run is a `train.py` subprocess driven by `nfnets.research.sweep` (resumable: rerun to continue).
+Every run is a `train.py` subprocess driven by `research.sweep_runs` (resumable: rerun to continue).
 The LR follows the paper's linear rule, peak = base_lr * batch / 256, and every batch size trains for the
 same number of epochs, so larger batches take fewer, larger steps, as in the paper.
 """
@@ -16,9 +16,11 @@ from typing import Dict, List, Optional, Sequence
 from absl import app
 from absl import flags
 
-from nfnets.research import sweep
+from research import sweep_grid
+from research import sweep_runs
+from research import sweep_summary
 
-CONFIG = os.path.join(sweep.REPO_ROOT, 'configs', 'agc_study.py')
+CONFIG = os.path.join(sweep_grid.REPO_ROOT, 'configs', 'agc_study.py')
 BATCH_SIZES = (64, 256, 1024)
 BASE_LRS = (0.025, 0.1, 0.4)       # per 256 images (the paper's is 0.1)
 CLIPPINGS = (0.01, 0.04, 0.16)     # lambda; None in a grid = AGC off
@@ -26,14 +28,14 @@ EPOCHS = 30.0
 AGC_OFF = 'off'
 
 
-def agc_axis(clippings: Sequence[float]) -> List[sweep.Overrides]:
+def agc_axis(clippings: Sequence[float]) -> List[sweep_grid.Overrides]:
   """No AGC, then AGC at each lambda."""
   return ([{'optimizer.agc.enabled': 'False'}] +
-          [{'optimizer.agc.enabled': 'True', 'optimizer.agc.clipping': sweep.format_value(c)}
+          [{'optimizer.agc.enabled': 'True', 'optimizer.agc.clipping': sweep_grid.format_value(c)}
            for c in clippings])
 
 
-def batch_axis(batch_sizes: Sequence[int], epochs: float, num_train_examples: int) -> List[sweep.Overrides]:
+def batch_axis(batch_sizes: Sequence[int], epochs: float, num_train_examples: int) -> List[sweep_grid.Overrides]:
   """Each batch size with the step count that gives `epochs` passes over the data."""
   return [{'batch_size': str(b), 'training_steps': str(max(1, round(epochs * num_train_examples / b)))}
           for b in batch_sizes]
@@ -41,23 +43,23 @@ def batch_axis(batch_sizes: Sequence[int], epochs: float, num_train_examples: in
 
 def num_train_examples(config_path: str = CONFIG) -> int:
   from nfnets import data as data_lib  # pylint: disable=g-import-not-at-top
-  return data_lib.dataset_info(sweep.resolve_config(config_path).dataset).num_train_examples
+  return data_lib.dataset_info(sweep_grid.resolve_config(config_path).dataset).num_train_examples
 
 
 def make_study(workdir: str, batch_sizes=BATCH_SIZES, base_lrs=BASE_LRS, clippings=CLIPPINGS,
                epochs: float = EPOCHS, config_path: str = CONFIG,
                fixed: Optional[Dict[str, str]] = None, train_examples: Optional[int] = None
-               ) -> List[sweep.Run]:
+               ) -> List[sweep_grid.Run]:
   """The study's runs: base_lr x batch size x (AGC off | lambda), validated against the config.
 
   `train_examples` (for the epoch -> step conversion) is read from the dataset when not given.
   """
   n = train_examples or num_train_examples(config_path)
-  points = sweep.grid([{'optimizer.base_lr': sweep.format_value(lr)} for lr in base_lrs],
+  points = sweep_grid.grid([{'optimizer.base_lr': sweep_grid.format_value(lr)} for lr in base_lrs],
                       batch_axis(batch_sizes, epochs, n), agc_axis(clippings))
-  runs = sweep.make_runs(config_path, workdir, points, fixed=fixed)
+  runs = sweep_grid.make_runs(config_path, workdir, points, fixed=fixed)
   # Short names: 'lr=0.4,bs=1024,agc=0.01'.
-  return [sweep.Run(_short_name(r.overrides), r.overrides, os.path.join(workdir, _short_name(r.overrides)),
+  return [sweep_grid.Run(_short_name(r.overrides), r.overrides, os.path.join(workdir, _short_name(r.overrides)),
                     r.training_steps) for r in runs]
 
 
@@ -76,8 +78,8 @@ def _diverged_step(row: dict) -> Optional[int]:
   return int(m.group(1)) if m else None
 
 
-def study_rows(runs: Sequence[sweep.Run]) -> List[dict]:
-  rows = sweep.summarize(runs)
+def study_rows(runs: Sequence[sweep_grid.Run]) -> List[dict]:
+  rows = sweep_summary.summarize(runs)
   for row, run in zip(rows, runs):
     o = run.overrides
     row['base_lr'] = float(o['optimizer.base_lr'])
@@ -193,12 +195,12 @@ def run_study(workdir: str, parallel: int = 1, out_png: Optional[str] = None, ou
   """Runs (or resumes) the study, then writes the sweep summary plus agc_study.md/.png in `workdir`."""
   t0 = time.time()
   runs = make_study(workdir, **study_kwargs)
-  sweep.run_sweep(runs, CONFIG if 'config_path' not in study_kwargs else study_kwargs['config_path'],
+  sweep_runs.run_sweep(runs, CONFIG if 'config_path' not in study_kwargs else study_kwargs['config_path'],
                   parallel=parallel, retry_failed=retry_failed)
   wall = time.time() - t0
-  sweep.write_summary(workdir, runs, x='optimizer.base_lr', series='batch_size')
+  sweep_summary.write_summary(workdir, runs, x='optimizer.base_lr', series='batch_size')
   rows = study_rows(runs)
-  model = describe_model(sweep.resolve_config(study_kwargs.get('config_path', CONFIG),
+  model = describe_model(sweep_grid.resolve_config(study_kwargs.get('config_path', CONFIG),
                                               study_kwargs.get('fixed')).model)
   title = f'AGC study, {model}, on digits (top-1 on the 360 test images)'
   table = study_table(rows)
@@ -240,12 +242,12 @@ def main(argv):
     for item in _SET.value:
       field, sep, value = item.partition('=')
       if not sep or not field:
-        raise sweep.SweepError(f'--set takes field=value, got {item!r}')
+        raise sweep_grid.SweepError(f'--set takes field=value, got {item!r}')
       fixed[field.strip()] = value.strip()
     run_study(_WORKDIR.value, _PARALLEL.value, _OUT_PNG.value, _OUT_MD.value, _RETRY.value,
               batch_sizes=[int(b) for b in _BATCH.value], base_lrs=[float(x) for x in _LRS.value],
               clippings=[float(x) for x in _CLIP.value], epochs=_EPOCHS.value, fixed=fixed or None)
-  except sweep.SweepError as e:
+  except sweep_grid.SweepError as e:
     print(f'agc_study: error: {e}', file=sys.stderr)
     return 2
   return 0

@@ -1,11 +1,11 @@
 """Classifies image files with NFNet weights: top-k class names and probabilities per image.
 
-  python predict.py --weights=F0_haiku.npz cat.jpg dog.png           # DeepMind's released F0 weights
-  python predict.py --weights=runs/demo --classes=digits.txt *.png    # a run's workdir (its EMA params)
-  python predict.py --weights=f0_flat.npz --top=3 --json a.jpg        # JSON on stdout
+  python -m tools.predict --weights=F0_haiku.npz cat.jpg dog.png           # DeepMind's released F0 weights
+  python -m tools.predict --weights=runs/demo --classes=digits.txt *.png    # a run's workdir (its EMA params)
+  python -m tools.predict --weights=f0_flat.npz --top=3 --json a.jpg        # JSON on stdout
 
 Weights: a run's workdir or checkpoint folder (the latest EMA params), DeepMind's released pickle
-(`F*_haiku.npz`), a flat .npz from `export_weights.py`, or a timm `dm_nfnet_f*` state dict
+(`F*_haiku.npz`), a flat .npz from `python -m tools.export_weights`, or a timm `dm_nfnet_f*` state dict
 (.safetensors; .pth needs PyTorch). The model is detected from the parameter shapes unless --model is given
 (a run's workdir names it in its config.json); --model/--num_classes that do not fit the weights are an
 error that lists every mismatch.
@@ -36,7 +36,7 @@ SPEC_RESIZE_PAD = 32   # spec §1.7: resize to S + 32, centre crop S
 
 def define_flags():
   """Defines this script's flags; called only when run as a script, so importing predict (tests, other
-  tools) never collides with another absl program's flags such as bench.py's --batch_size."""
+  tools) never collides with another absl program's flags such as benchmarks.bench's --batch_size."""
   from nfnets import conv as conv_lib  # pylint: disable=g-import-not-at-top
   global _WEIGHTS, _MODEL, _NUM_CLASSES, _TOP, _CLASSES, _IMAGE_SIZE, _RESIZE_PAD, _BATCH_SIZE, _JSON, _SKIP_BAD, _CONV_IMPL
   _WEIGHTS = flags.DEFINE_string('weights', None, 'Run workdir, released pickle, flat .npz or timm file.')
@@ -243,7 +243,7 @@ def main(argv):
   logging.set_verbosity(logging.ERROR)  # orbax logs every restore, and warns about read-only use
   paths = argv[1:]
   if not paths:
-    raise app.UsageError('Give one or more image files: python predict.py --weights=PATH IMAGE [IMAGE ...]')
+    raise app.UsageError('Give one or more image files: python -m tools.predict --weights=PATH IMAGE [IMAGE ...]')
   if not _WEIGHTS.value:
     raise app.UsageError('--weights is required')
   from nfnets import checkpoint  # pylint: disable=g-import-not-at-top

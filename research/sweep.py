@@ -1,6 +1,6 @@
 """Sweep config overrides over train.py runs, resumably, and summarise them.
 
-    python sweep.py --config=configs/demo.py --workdir=runs/sweep \
+    python -m research.sweep --config=configs/demo.py --workdir=runs/sweep \
         --sweep=optimizer.agc.clipping=0.01,0.02,0.04,0.08,0.16 --sweep=batch_size=256,1024 \
         [--parallel=2] [--config.training_steps=500 ...] [--print_commands] [--summary_only]
 
@@ -16,7 +16,9 @@ import sys
 from absl import app
 from absl import flags
 
-from nfnets.research import sweep
+from research import sweep_grid
+from research import sweep_runs
+from research import sweep_summary
 
 _CONFIG = flags.DEFINE_string('config', None, 'Base config file, e.g. configs/demo.py (or file.py:arg).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Sweep directory; each run gets a sub-directory.')
@@ -30,7 +32,7 @@ _PLOT_X = flags.DEFINE_string('plot_x', None, 'Field on the x axis of summary.pn
                               '*clipping* field, else the first swept field).')
 _PLOT_SERIES = flags.DEFINE_string('plot_series', None, 'One line per value of this field (default: '
                                    'batch_size when swept).')
-_METRIC = flags.DEFINE_enum('metric', 'top1', list(sweep.SUMMARY_METRICS), 'Metric plotted.')
+_METRIC = flags.DEFINE_enum('metric', 'top1', list(sweep_summary.SUMMARY_METRICS), 'Metric plotted.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 _OVERRIDE = re.compile(r'^--config\.([^=]+)=(.*)$')
@@ -55,25 +57,25 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   try:
-    axes = [sweep.parse_sweep_flag(s) for s in _SWEEP.value]
-    runs = sweep.make_runs(_CONFIG.value, _WORKDIR.value, sweep.grid(*axes), fixed=_FIXED)
-  except sweep.SweepError as e:
-    print(f'sweep.py: error: {e}', file=sys.stderr)
+    axes = [sweep_grid.parse_sweep_flag(s) for s in _SWEEP.value]
+    runs = sweep_grid.make_runs(_CONFIG.value, _WORKDIR.value, sweep_grid.grid(*axes), fixed=_FIXED)
+  except sweep_grid.SweepError as e:
+    print(f'research.sweep: error: {e}', file=sys.stderr)
     return 2
   if _PRINT.value:
     for run in runs:
-      state = sweep.run_state(run)
+      state = sweep_runs.run_state(run)
       if state.status == 'done' or (state.status != 'pending' and not _RETRY.value):
         print(f'# skip ({state.status}): {run.name}')
       else:
-        print(sweep.shell_command(run, _CONFIG.value))
+        print(sweep_runs.shell_command(run, _CONFIG.value))
     return 0
   if not _SUMMARY_ONLY.value:
     print(f'[sweep] {len(runs)} runs in {_WORKDIR.value}, {_PARALLEL.value} at a time')
-    sweep.run_sweep(runs, _CONFIG.value, parallel=_PARALLEL.value, retry_failed=_RETRY.value)
-  rows = sweep.write_summary(_WORKDIR.value, runs, x=_PLOT_X.value, series=_PLOT_SERIES.value,
+    sweep_runs.run_sweep(runs, _CONFIG.value, parallel=_PARALLEL.value, retry_failed=_RETRY.value)
+  rows = sweep_summary.write_summary(_WORKDIR.value, runs, x=_PLOT_X.value, series=_PLOT_SERIES.value,
                              metric=_METRIC.value)
-  print(sweep.markdown_table(rows, ['run', 'status', 'top1', 'ema_top1', 'last_step', 'wall_s', 'error']))
+  print(sweep_summary.markdown_table(rows, ['run', 'status', 'top1', 'ema_top1', 'last_step', 'wall_s', 'error']))
   print(f'[sweep] wrote {_WORKDIR.value}/summary.csv, summary.md, summary.png')
   return 0 if all(r['status'] == 'done' for r in rows) else 1
 

@@ -1,6 +1,6 @@
 """Input throughput on ImageNet-like JPEGs: decode + full F0 augmentation, per CPU core.
 
-  python -m nfnets.data.bench_input [--image_size=224 --seconds=20]
+  python -m benchmarks.bench_input [--image_size=224 --seconds=20]
 
 Writes synthetic 500x375 JPEGs (about ImageNet's mean size and file size) to a temp folder and runs the
 'folder' train path: Inception crop, flip, bicubic resize, MixUp/CutMix, RandAugment 4 layers at magnitude 5.

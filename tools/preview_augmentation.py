@@ -1,6 +1,6 @@
 """Writes a PNG grid of augmented training images, titled with their (mixed) targets.
 
-  python -m nfnets.data.preview --config=configs/demo.py --out=grid.png
+  python -m tools.preview_augmentation --config=configs/demo.py --out=grid.png
 """
 from absl import app, flags
 import matplotlib

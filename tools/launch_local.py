@@ -1,6 +1,6 @@
 """Starts a multi-process JAX job on this machine, for testing multi-host code without a cluster.
 
-  python launch_local.py --processes=2 --devices_per_process=2 -- --config=configs/demo.py --workdir=runs/mp
+  python -m tools.launch_local --processes=2 --devices_per_process=2 -- --config=configs/demo.py --workdir=runs/mp
 
 Every process runs `train.py` (or --script) with the flags after `--`, on CPU with `--devices_per_process`
 simulated devices, joined through JAX's distributed runtime (coordinator on localhost, gloo collectives).
@@ -17,7 +17,7 @@ import threading
 import time
 from typing import List, Optional
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def free_port() -> int:
@@ -73,12 +73,12 @@ def launch(args: List[str], processes: int, devices_per_process: int, script: st
     raise ValueError(f'processes ({processes}) and devices_per_process ({devices_per_process}) must be >= 1')
   out = out or sys.stdout
   port = port or free_port()
-  script = script if os.path.isabs(script) else os.path.join(HERE, script)
+  script = script if os.path.isabs(script) else os.path.join(REPO_ROOT, script)
   procs, pumps = [], []
   for i in range(processes):
     p = subprocess.Popen([sys.executable, script] + list(args),
                          env=child_env(i, processes, devices_per_process, port, {**os.environ, **(env or {})}),
-                         cwd=HERE,
+                         cwd=REPO_ROOT,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     procs.append(p)
     pumps.append(threading.Thread(target=_pump, args=(p.stdout, f'[p{i}] ', out), daemon=True))

@@ -1,0 +1,1 @@
+"""Benchmarks: the experiment's own train/eval step, the input pipeline, conv lowerings, device scaling."""

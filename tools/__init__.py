@@ -1,0 +1,1 @@
+"""Commands around a model: prediction, weight conversion, local multi-process launch, previews."""
