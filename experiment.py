@@ -21,6 +21,7 @@ import nfnets
 from nfnets import data as data_lib
 from nfnets import memory
 from nfnets import optim
+from nfnets import param_groups
 from nfnets import train_io
 from nfnets.train_state import TrainState, replicate, unreplicate
 
@@ -276,7 +277,7 @@ class Experiment:
     if cfg.optimizer.agc.enabled:
       metrics['clip_fraction'] = nfnets.clip_fraction(
           grads, state.params, cfg.optimizer.agc.clipping, cfg.optimizer.agc.eps,
-          mask=optim.agc_mask(state.params))
+          mask=param_groups.agc_mask(state.params))
     else:
       metrics['clip_fraction'] = jnp.zeros(())
     return new_state, metrics

@@ -1,44 +1,19 @@
 """The NFNet optimizer: AGC -> coupled weight decay -> SGD with Nesterov momentum, warmup-cosine LR.
 
-Parameter groups come from names by one rule (the reference's `_make_opt`, spec §1.2), applied to Haiku's
-`{module_name: {param_name: array}}` tree:
-
-* gains and biases: `param_name` is `b`, `scale` or `offset`, or contains `gain` or `bias`
-  (WSConv `gain`/`bias`, `skip_gain`, every Linear `b`). They get no weight decay.
-* the classifier weight: any other param whose module name contains `linear` but not `squeeze_excite`
-  (for NFNet, only `NFNet/~/linear` `w`). It is the only param AGC leaves unclipped.
+Parameter groups (which params get weight decay, which AGC clips) come from `nfnets.param_groups`.
 """
 import math
-from typing import Callable, Optional
+from typing import Callable
 
 from absl import logging
-import haiku as hk
 import jax
 import jax.numpy as jnp
 import optax
 
 from nfnets.agc import agc
+from nfnets.param_groups import agc_mask, weight_decay_mask
 
 REFERENCE_BATCH = 256  # LR = base_lr * batch / 256
-
-
-def is_gain_or_bias(module_name: str, param_name: str) -> bool:
-  return (param_name in ('b', 'scale', 'offset') or 'gain' in param_name or 'bias' in param_name)
-
-
-def is_classifier_weight(module_name: str, param_name: str) -> bool:
-  return (not is_gain_or_bias(module_name, param_name) and 'linear' in module_name
-          and 'squeeze_excite' not in module_name)
-
-
-def weight_decay_mask(params):
-  """True for params that get weight decay: everything except gains and biases."""
-  return hk.data_structures.map(lambda m, n, p: not is_gain_or_bias(m, n), params)
-
-
-def agc_mask(params):
-  """True for params that AGC clips: everything except the classifier weight."""
-  return hk.data_structures.map(lambda m, n, p: not is_classifier_weight(m, n), params)
 
 
 def warmup_cosine_schedule(peak_lr: float, total_steps: int, warmup_steps: float,

@@ -9,6 +9,7 @@ import pytest
 
 import nfnets
 from nfnets import optim
+from nfnets import param_groups
 
 
 def numpy_agc(g, p, clipping, eps):
@@ -133,9 +134,9 @@ def test_optimizer_leaves_classifier_unclipped_and_matches_manual_update():
     for name, p in ps.items():
       g = np.asarray(grads[mod][name], np.float64)
       pn = np.asarray(p, np.float64)
-      if not optim.is_classifier_weight(mod, name):
+      if not param_groups.is_classifier_weight(mod, name):
         g = numpy_agc(g, pn, 0.01, 1e-3)
-      if not optim.is_gain_or_bias(mod, name):
+      if not param_groups.is_gain_or_bias(mod, name):
         g = g + wd * pn
       # Nesterov on the first step: buf = g; update = g + m * buf.
       expected = -0.5 * (g + m * g)
