@@ -169,7 +169,7 @@ class RunIO:
 def read_weights(path: str):
   """Params from a run's workdir or checkpoint folder (its EMA params), DeepMind released weights
   (pickle), our flat .npz, or a timm state dict (.safetensors / .pth)."""
-  from nfnets import checkpoint  # pylint: disable=g-import-not-at-top
+  from nfnets import weights  # pylint: disable=g-import-not-at-top
   if os.path.isdir(path):
     path = os.path.abspath(path)  # orbax refuses relative checkpoint paths
     ckpt_dir = os.path.join(path, 'checkpoints') if os.path.isdir(os.path.join(path, 'checkpoints')) else path
@@ -181,9 +181,7 @@ def read_weights(path: str):
       state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
     logging.info('Initialising from the EMA params of %s at step %d', ckpt_dir, step)
     return jax.tree.map(np.asarray, state['ema_params'])
-  if path.endswith(('.safetensors', '.pth', '.pt', '.bin')):
-    return checkpoint.load_timm(path)
-  return checkpoint.read_released(path)
+  return weights.read(path)
 
 
 def load_init_params(path: str, template):
@@ -192,26 +190,5 @@ def load_init_params(path: str, template):
   Every param must match by name and shape, except the classifier (`linear` outside squeeze-excite),
   which keeps its fresh init when its shape differs: that is fine-tuning to a new class count.
   """
-  from nfnets import optim  # pylint: disable=g-import-not-at-top
-  loaded = read_weights(path)
-  out, problems, reinit = {}, [], []
-  for module, ps in template.items():
-    out[module] = {}
-    for name, fresh in ps.items():
-      got = loaded.get(module, {}).get(name)
-      if got is not None and np.shape(got) == np.shape(fresh):
-        out[module][name] = np.asarray(got, fresh.dtype)
-      elif got is not None and optim.is_classifier_weight(module, 'w') and name in ('w', 'b'):
-        out[module][name] = fresh
-        reinit.append(f'{module}/{name} {np.shape(got)} -> {np.shape(fresh)}')
-      else:
-        problems.append(f'{module}/{name}: ' + ('missing' if got is None else
-                                                 f'shape {np.shape(got)} vs {np.shape(fresh)}'))
-  extra = sorted(f'{m}/{n}' for m, ps in loaded.items() for n in ps if n not in template.get(m, {}))
-  problems += [f'{e}: not in this model' for e in extra]
-  if problems:
-    raise ValueError(f'Weights in {path} do not fit this model ({len(problems)} problems): '
-                     + '; '.join(problems[:8]) + ('; ...' if len(problems) > 8 else ''))
-  if reinit:
-    logging.info('Re-initialised the classifier for the new class count: %s', ', '.join(reinit))
-  return out
+  from nfnets import weights  # pylint: disable=g-import-not-at-top
+  return weights.fit_to_template(read_weights(path), template, source=path)

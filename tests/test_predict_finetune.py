@@ -12,7 +12,7 @@ import pytest
 import experiment
 from tools import predict
 from configs import demo, finetune
-from nfnets import checkpoint
+from nfnets import weights
 from nfnets.train_state import TrainState, replicate, unreplicate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,14 +30,14 @@ def random_params(model, num_classes, seed=0):
   rng = np.random.default_rng(seed)
   return {m: {n: (np.ones(shape, np.float32) if 'gain' in n else
                   rng.normal(0, 0.1, shape).astype(np.float32)) for n, shape in ps.items()}
-          for m, ps in checkpoint.expected_shapes(model, num_classes).items()}
+          for m, ps in weights.expected_shapes(model, num_classes).items()}
 
 
 @pytest.fixture(scope='module')
 def tiny_weights(tmp_path_factory):
   """A 1000-class nfnet_tiny exported as a flat .npz."""
   path = str(tmp_path_factory.mktemp('weights') / 'tiny.npz')
-  checkpoint.export_npz(random_params('nfnet_tiny', 1000), path)
+  weights.export_npz(random_params('nfnet_tiny', 1000), path)
   return path
 
 
@@ -101,16 +101,16 @@ def test_predict_bad_inputs(tiny_weights, images, tmp_path):
   kept = predict.predict(p, [missing, paths[0], corrupt], skip_bad=True)
   assert [r['image'] for r in kept] == [paths[0]]
   # Wrong variant / class count, missing, truncated weights.
-  with pytest.raises(checkpoint.CheckpointError, match=r"match model 'F0'.*has 4 blocks, 'F0' has 12"):
+  with pytest.raises(weights.WeightsError, match=r"match model 'F0'.*has 4 blocks, 'F0' has 12"):
     predict.Predictor(tiny_weights, model='F0')
-  with pytest.raises(checkpoint.CheckpointError, match='(?s)num_classes=10.*wrong shape: NFNet/~/linear/w'):
+  with pytest.raises(weights.WeightsError, match='(?s)num_classes=10.*wrong shape: NFNet/~/linear/w'):
     predict.Predictor(tiny_weights, num_classes=10)
   with pytest.raises(FileNotFoundError, match='no-weights.npz'):
     predict.Predictor(str(tmp_path / 'no-weights.npz'))
   truncated = tmp_path / 'truncated.npz'
   with open(tiny_weights, 'rb') as f:
     truncated.write_bytes(f.read()[:5000])
-  with pytest.raises(checkpoint.CheckpointError, match='truncated or corrupt'):
+  with pytest.raises(weights.WeightsError, match='truncated or corrupt'):
     predict.Predictor(str(truncated))
   with pytest.raises(ValueError, match='3 class names but the model has 1000'):
     (tmp_path / 'three.txt').write_text('a\nb\nc\n')
@@ -225,14 +225,14 @@ def test_finetune_bad_init_from_writes_nothing(source_run, tmp_path):
   cases['empty_dir'] = (str(tmp_path / 'empty'), FileNotFoundError, 'No checkpoint found')
   os.makedirs(tmp_path / 'empty')
   flat = tmp_path / 'src.npz'
-  checkpoint.export_npz(src_ema, flat)
+  weights.export_npz(src_ema, flat)
   with open(flat, 'rb') as f:
     data = f.read()
   (tmp_path / 'truncated.npz').write_bytes(data[:len(data) // 2])
-  cases['truncated'] = (str(tmp_path / 'truncated.npz'), checkpoint.CheckpointError, 'truncated or corrupt')
+  cases['truncated'] = (str(tmp_path / 'truncated.npz'), weights.WeightsError, 'truncated or corrupt')
   wrong = {m: dict(ps) for m, ps in src_ema.items()}
   wrong['NFNet/~/final_conv']['w'] = np.zeros((1, 1, 128, 64), np.float32)
-  checkpoint.export_npz(wrong, tmp_path / 'wrong.npz')
+  weights.export_npz(wrong, tmp_path / 'wrong.npz')
   cases['wrong_shape'] = (str(tmp_path / 'wrong.npz'), ValueError, r'do not fit.*final_conv/w: shape')
   for name, (path, error, message) in cases.items():
     workdir = str(tmp_path / f'run_{name}')

@@ -4,14 +4,15 @@
   python -m tools.export_weights F0_haiku.npz f0_flat.npz                # released -> flat Haiku .npz
   python -m tools.export_weights model.safetensors f0_flat.npz --model F0  # timm -> flat Haiku .npz
 
-The source is read as timm if it is .safetensors/.pth/.pt/.bin or a .npz of timm names, else as released
-Haiku weights; it is checked against the registry model (`--model`, detected when omitted) before writing.
+The source is read by `nfnets.weights.read` (timm for .safetensors/.pth/.pt/.bin or a .npz of timm names,
+else released or flat Haiku weights) and checked against the registry model (`--model`, detected when
+omitted) before anything is written.
 """
 import argparse
 import os
 import sys
 
-from nfnets import checkpoint
+from nfnets import weights
 
 
 def main(argv=None) -> int:
@@ -24,29 +25,21 @@ def main(argv=None) -> int:
                       help='output naming; auto: timm for .safetensors, else haiku (flat .npz)')
   args = parser.parse_args(argv)
 
-  suffix = os.path.splitext(args.src)[1].lower()
   try:
-    if suffix in ('.safetensors', '.pth', '.pt', '.bin', '.ckpt'):
-      params = checkpoint.load_timm(args.src, args.model, args.num_classes)
-    else:
-      try:
-        params = checkpoint.load_released(args.src, args.model, args.num_classes)
-      except checkpoint.CheckpointError as e:
-        if 'load_timm' not in str(e):
-          raise
-        params = checkpoint.load_timm(args.src, args.model, args.num_classes)
+    params = weights.read(args.src)
+    weights.validate(params, args.model, args.num_classes, source=args.src)
     to = args.to
     if to == 'auto':
       to = 'timm' if os.path.splitext(args.dst)[1].lower() == '.safetensors' else 'haiku'
     if to == 'timm':
-      written = checkpoint.save_timm(params, args.dst)
+      written = weights.save_timm(params, args.dst)
     else:
-      checkpoint.export_npz(params, args.dst)
+      weights.export_npz(params, args.dst)
       written = args.dst
-  except (checkpoint.CheckpointError, FileNotFoundError, ImportError) as e:
+  except (ValueError, FileNotFoundError, ImportError) as e:  # WeightsError, or an unknown --model
     print(f'error: {e}', file=sys.stderr)
     return 1
-  print(f'wrote {written} ({checkpoint.count_params(params):,} parameters, {to} names)')
+  print(f'wrote {written} ({weights.count_params(params):,} parameters, {to} names)')
   return 0
 
 

@@ -10,7 +10,8 @@ Weights: a run's workdir or checkpoint folder (the latest EMA params), DeepMind'
 (a run's workdir names it in its config.json); --model/--num_classes that do not fit the weights are an
 error that lists every mismatch.
 
-Preprocessing is the eval pipeline's (`nfnets.data.preprocess.eval_image`, spec §1.7): the whole image is
+Preprocessing is the eval pipeline's (`nfnets.data.preprocess.eval_image`; the reference code's
+`eval_preproc='resize_crop_32'`, deepmind-research/nfnets experiment_nfnets.py): the whole image is
 resized (bicubic, aspect ratio not kept) to the test size + 32 and centre-cropped to the test size, then
 normalised with the ImageNet mean/std. A run's workdir supplies its own eval size and padding. JPEG, PNG,
 GIF and BMP are decoded by TensorFlow, other formats (WebP, TIFF, ...) through Pillow; grayscale and RGBA
@@ -30,8 +31,9 @@ from absl import app
 from absl import flags
 from absl import logging
 
-IMAGENET_CLASSES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'nfnets', 'imagenet_classes.txt')
-SPEC_RESIZE_PAD = 32   # spec §1.7: resize to S + 32, centre crop S
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tools/.. holds the nfnets package
+IMAGENET_CLASSES = os.path.join(_REPO, 'nfnets', 'imagenet_classes.txt')
+EVAL_RESIZE_PAD = 32   # reference eval_preproc 'resize_crop_32': resize to S + 32, centre crop S
 
 
 def define_flags():
@@ -87,7 +89,7 @@ class Predictor:
     num_classes: None: the classifier's width in the weights.
     image_size / resize_pad: None: the run's eval settings, else the model's test size and 32.
   Raises:
-    FileNotFoundError for missing weights; `nfnets.checkpoint.CheckpointError` (a ValueError) for corrupt
+    FileNotFoundError for missing weights; `nfnets.weights.WeightsError` (a ValueError) for corrupt
     files or weights that do not fit the model.
   """
 
@@ -95,7 +97,8 @@ class Predictor:
                image_size: Optional[int] = None, resize_pad: Optional[int] = None, conv_impl: str = 'auto'):
     import haiku as hk  # pylint: disable=g-import-not-at-top
     import jax  # pylint: disable=g-import-not-at-top
-    from nfnets import checkpoint, registry, train_io  # pylint: disable=g-import-not-at-top
+    from nfnets import registry, train_io  # pylint: disable=g-import-not-at-top
+    from nfnets import weights as weights_lib  # pylint: disable=g-import-not-at-top
     weights = os.fspath(weights)
     if not os.path.exists(weights):
       raise FileNotFoundError(f'--weights: no such file or folder: {weights}')
@@ -103,14 +106,14 @@ class Predictor:
     params = train_io.read_weights(weights)
     model = model or run.get('model', {}).get('name')
     if model is None:  # detect with the file's own class count, so a wrong --num_classes lists mismatches
-      model = checkpoint.validate(params, None, None, source=weights)
-    self.model = checkpoint.validate(params, model, num_classes, source=weights)
-    self.num_classes = checkpoint._num_classes(params) if num_classes is None else num_classes  # pylint: disable=protected-access
+      model = weights_lib.validate(params, None, None, source=weights)
+    self.model = weights_lib.validate(params, model, num_classes, source=weights)
+    self.num_classes = weights_lib.num_classes(params) if num_classes is None else num_classes
     spec = registry.get_spec(self.model)
     ds = run.get('dataset', {})
     self.image_size = image_size or ds.get('eval_image_size') or spec.test_size
     pad = resize_pad if resize_pad is not None else ds.get('eval_resize_pad')
-    self.resize_pad = SPEC_RESIZE_PAD if pad is None else int(pad)
+    self.resize_pad = EVAL_RESIZE_PAD if pad is None else int(pad)
     self.weights = weights
     self.params = params
     name, n = self.model, self.num_classes
@@ -246,7 +249,7 @@ def main(argv):
     raise app.UsageError('Give one or more image files: python -m tools.predict --weights=PATH IMAGE [IMAGE ...]')
   if not _WEIGHTS.value:
     raise app.UsageError('--weights is required')
-  from nfnets import checkpoint  # pylint: disable=g-import-not-at-top
+  from nfnets import weights as weights_lib  # pylint: disable=g-import-not-at-top
   try:
     missing = [p for p in paths if not os.path.exists(p)]
     if missing and not _SKIP_BAD.value:  # fail before the (slow) weight loading
@@ -259,7 +262,7 @@ def main(argv):
           f'{predictor.image_size + predictor.resize_pad} px, centre crop {predictor.image_size} px',
           file=sys.stderr)
     results = predict(predictor, paths, _TOP.value, names, _BATCH_SIZE.value, _SKIP_BAD.value)
-  except (ImageError, checkpoint.CheckpointError, FileNotFoundError, ValueError, ImportError) as e:
+  except (ImageError, weights_lib.WeightsError, FileNotFoundError, ValueError, ImportError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
   print(json.dumps(results, indent=2) if _JSON.value else format_text(results))
