@@ -78,6 +78,7 @@ def get_config(model_name: str = 'F0') -> ml_collections.ConfigDict:
   c.dataset.augment.randaugment = True          # layers and magnitude from the registry unless set
   c.dataset.augment.ra_layers = config_dict.placeholder(int)
   c.dataset.augment.ra_magnitude = config_dict.placeholder(int)
+  c.dataset.augment.ra_ops = 'reference'  # the paper's code and weights; 'pil': PIL-exact Solarize/Contrast/Sharpness
   return c
 
 

@@ -81,6 +81,7 @@ def train_iterator(ds_config, *, global_batch_size: int, image_size: int, num_cl
     raise ValueError(f'{ds_config.name!r} has {source.num_classes} classes but the model has {num_classes}')
   use_mix = aug.mixup_alpha > 0 or aug.cutmix
   use_ra = aug.randaugment and ra_layers > 0
+  ra_ops = randaugment.check_ra_ops(aug.ra_ops)
   if use_mix and bs < 2:
     raise ValueError(f'MixUp/CutMix need at least 2 images per device, got {bs}')
 
@@ -115,7 +116,7 @@ def train_iterator(ds_config, *, global_batch_size: int, image_size: int, num_cl
     def ra_fn(i, ex):
       # RandAugment runs on the mixed image (augment_before_mix=False): clip, uint8, augment, back to float.
       pixels = tf.cast(tf.clip_by_value(ex['images'], 0, 255), tf.uint8)
-      pixels = randaugment.randaugment(pixels, _key(seed, index, 2, i), ra_layers, ra_magnitude)
+      pixels = randaugment.randaugment(pixels, _key(seed, index, 2, i), ra_layers, ra_magnitude, ra_ops)
       return dict(ex, images=tf.cast(pixels, tf.float32))
     ds = ds.unbatch().enumerate().map(ra_fn, num_parallel_calls=tf.data.AUTOTUNE).batch(bs)
 

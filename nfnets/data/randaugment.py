@@ -1,9 +1,25 @@
-"""RandAugment's 16 ops on uint8 [H, W, 3] images, in plain TF (spec §1.5; tensorflow-addons is dead).
+"""RandAugment's 16 ops on uint8 [H, W, 3] images, in plain TF (tensorflow-addons is dead).
 
 Geometric ops use ImageProjectiveTransformV3 with nearest sampling and fill 128, as the reference's
 tfa-based ops. Each layer picks one op uniformly and applies it (the reference draws a probability but
-never uses it for the selected op). Contrast blends towards the mean grey level, as PIL does; the
-reference's TF port used the pixel count / 256 instead (a known bug), which is not reproduced.
+never uses it for the selected op). Level -> argument mappings are the reference's (`levels`).
+
+`ra_ops` picks how three ops behave (config: dataset.augment.ra_ops):
+  'reference' (default): as DeepMind's reference autoaugment.py (a copy of the TPU EfficientNet one), the
+    code behind the NFNet paper's numbers and its released weights; the default, so that training here
+    follows the recipe that produced them:
+    - Solarize compares a uint8 image with the threshold, which wraps modulo 256: magnitude 10 (threshold
+      256 -> 0) inverts every pixel, magnitude 15 (384 -> 128) solarizes at 128.
+    - Contrast blends towards a grey of H*W/256 (the sum of the grey histogram, i.e. the pixel count,
+      divided by 256, where the mean was meant), clipped to 255 and truncated: 196 at 224 px, 255 from
+      256 px up.
+    - Sharpness truncates its 3x3 smoothing to uint8. The smoothing is computed exactly (integer sum,
+      floor of /13); the reference's float32 kernel sometimes lands a hair below an exact multiple and
+      truncates one lower, which depends on the conv's summation order and is not reproduced.
+  'pil': PIL-exact ImageOps.solarize (a threshold >= 256 changes nothing), ImageEnhance.Contrast (towards
+    the rounded mean grey level) and ImageEnhance.Sharpness (the smoothing rounds): the PIL ops that the
+    AutoAugment / RandAugment papers (Cubuk et al. 2019, 2020) name.
+All other ops, and the final blends (which truncate, as PIL's Image.blend does), are the same in both.
 """
 import math
 
@@ -13,6 +29,13 @@ FILL = 128
 MAX_LEVEL = 10.0
 CUTOUT_CONST = 40
 TRANSLATE_CONST = 100
+RA_OPS = ('reference', 'pil')
+
+
+def check_ra_ops(ra_ops: str) -> str:
+  if ra_ops not in RA_OPS:
+    raise ValueError(f'Unknown RandAugment ra_ops {ra_ops!r}; accepted: {", ".join(map(repr, RA_OPS))}')
+  return ra_ops
 
 
 def _split(key, n):
@@ -20,7 +43,7 @@ def _split(key, n):
 
 
 def blend(degenerate: tf.Tensor, image: tf.Tensor, factor) -> tf.Tensor:
-  """degenerate + factor * (image - degenerate), clipped, truncated to uint8 (PIL's ImageEnhance)."""
+  """degenerate + factor * (image - degenerate), clipped, truncated to uint8 (PIL and the reference)."""
   d, x = tf.cast(degenerate, tf.float32), tf.cast(image, tf.float32)
   return tf.cast(tf.clip_by_value(d + factor * (x - d), 0, 255), tf.uint8)
 
@@ -64,7 +87,11 @@ def invert(image):
   return 255 - image
 
 
-def solarize(image, threshold):
+def solarize(image, threshold, ra_ops='reference'):
+  """Inverts values >= threshold; 'reference' takes the threshold modulo 256 (a uint8 comparison)."""
+  threshold = tf.cast(threshold, tf.int32)
+  if check_ra_ops(ra_ops) == 'reference':
+    threshold = tf.math.floormod(threshold, 256)
   return tf.where(tf.cast(image, tf.int32) < threshold, image, 255 - image)
 
 
@@ -107,23 +134,29 @@ def color(image, factor):
   return blend(tf.image.grayscale_to_rgb(tf.image.rgb_to_grayscale(image)), image, factor)
 
 
-def contrast(image, factor):
-  gray = tf.cast(tf.image.rgb_to_grayscale(image), tf.float32)
-  mean = tf.floor(tf.reduce_mean(gray) + 0.5)
-  return blend(tf.fill(tf.shape(image), mean), image, factor)
+def contrast(image, factor, ra_ops='reference'):
+  """Blends with a flat grey: 'pil' the rounded mean grey level, 'reference' min(H*W/256, 255) truncated."""
+  if check_ra_ops(ra_ops) == 'reference':
+    pixels = tf.cast(tf.shape(image)[0] * tf.shape(image)[1], tf.float32)
+    grey = tf.floor(tf.minimum(pixels / 256., 255.))
+  else:
+    grey = tf.floor(tf.reduce_mean(tf.cast(tf.image.rgb_to_grayscale(image), tf.float32)) + 0.5)
+  return blend(tf.fill(tf.shape(image), grey), image, factor)
 
 
 def brightness(image, factor):
   return blend(tf.zeros_like(image), image, factor)
 
 
-def sharpness(image, factor):
-  """Blend with PIL's SMOOTH filter (3x3, centre 5, /13); the one-pixel border stays as is."""
+def sharpness(image, factor, ra_ops='reference'):
+  """Blend with PIL's SMOOTH filter (3x3, centre 5, /13), rounded ('pil') or truncated ('reference');
+  the one-pixel border stays as is."""
   x = tf.cast(image, tf.float32)[None]
-  kernel = tf.constant([[1., 1., 1.], [1., 5., 1.], [1., 1., 1.]]) / 13.
+  kernel = tf.constant([[1., 1., 1.], [1., 5., 1.], [1., 1., 1.]])
   kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
-  smooth = tf.nn.depthwise_conv2d(x, kernel, [1, 1, 1, 1], 'VALID')[0]
-  smooth = tf.cast(tf.clip_by_value(tf.round(smooth), 0, 255), tf.uint8)
+  total = tf.nn.depthwise_conv2d(x, kernel, [1, 1, 1, 1], 'VALID')[0]   # integers <= 3315: exact
+  smooth = tf.floor(total / 13.) if check_ra_ops(ra_ops) == 'reference' else tf.round(total / 13.)
+  smooth = tf.cast(tf.clip_by_value(smooth, 0, 255), tf.uint8)
   h, w = tf.shape(image)[0], tf.shape(image)[1]
   inner = tf.pad(tf.ones([h - 2, w - 2, 3], tf.bool), [[1, 1], [1, 1], [0, 0]])
   degenerate = tf.where(inner, tf.pad(smooth, [[1, 1], [1, 1], [0, 0]]), image)
@@ -147,35 +180,45 @@ def _signed(value, key):
   return tf.where(flip, -value, value)
 
 
-def ops(magnitude: float):
-  """The 16 ops as fn(image, key) at one magnitude, with the reference's level -> argument mappings."""
+def levels(magnitude: float) -> dict:
+  """The reference's level -> argument mappings (level = magnitude / 10), before any random sign."""
   level = magnitude / MAX_LEVEL
   enhance = level * 1.8 + 0.1
+  return {'Rotate': level * 30., 'Posterize': int(level * 4), 'Solarize': int(level * 256),
+          'Color': enhance, 'Contrast': enhance, 'Brightness': enhance, 'Sharpness': enhance,
+          'ShearX': level * 0.3, 'ShearY': level * 0.3, 'TranslateX': level * TRANSLATE_CONST,
+          'TranslateY': level * TRANSLATE_CONST, 'Cutout': int(level * CUTOUT_CONST), 'SolarizeAdd': int(level * 110)}
+
+
+def ops(magnitude: float, ra_ops: str = 'reference'):
+  """The 16 ops as fn(image, key) at one magnitude; `ra_ops` as in the module docstring."""
+  a, mode = levels(magnitude), check_ra_ops(ra_ops)
   return [
       ('AutoContrast', lambda x, k: autocontrast(x)),
       ('Equalize', lambda x, k: equalize(x)),
       ('Invert', lambda x, k: invert(x)),
-      ('Rotate', lambda x, k: rotate(x, _signed(level * 30., k))),
-      ('Posterize', lambda x, k: posterize(x, int(level * 4))),
-      ('Solarize', lambda x, k: solarize(x, int(level * 256))),
-      ('Color', lambda x, k: color(x, enhance)),
-      ('Contrast', lambda x, k: contrast(x, enhance)),
-      ('Brightness', lambda x, k: brightness(x, enhance)),
-      ('Sharpness', lambda x, k: sharpness(x, enhance)),
-      ('ShearX', lambda x, k: shear_x(x, _signed(level * 0.3, k))),
-      ('ShearY', lambda x, k: shear_y(x, _signed(level * 0.3, k))),
-      ('TranslateX', lambda x, k: translate_x(x, _signed(level * TRANSLATE_CONST, k))),
-      ('TranslateY', lambda x, k: translate_y(x, _signed(level * TRANSLATE_CONST, k))),
-      ('Cutout', lambda x, k: cutout(x, int(level * CUTOUT_CONST), k)),
-      ('SolarizeAdd', lambda x, k: solarize_add(x, int(level * 110))),
+      ('Rotate', lambda x, k: rotate(x, _signed(a['Rotate'], k))),
+      ('Posterize', lambda x, k: posterize(x, a['Posterize'])),
+      ('Solarize', lambda x, k: solarize(x, a['Solarize'], mode)),
+      ('Color', lambda x, k: color(x, a['Color'])),
+      ('Contrast', lambda x, k: contrast(x, a['Contrast'], mode)),
+      ('Brightness', lambda x, k: brightness(x, a['Brightness'])),
+      ('Sharpness', lambda x, k: sharpness(x, a['Sharpness'], mode)),
+      ('ShearX', lambda x, k: shear_x(x, _signed(a['ShearX'], k))),
+      ('ShearY', lambda x, k: shear_y(x, _signed(a['ShearY'], k))),
+      ('TranslateX', lambda x, k: translate_x(x, _signed(a['TranslateX'], k))),
+      ('TranslateY', lambda x, k: translate_y(x, _signed(a['TranslateY'], k))),
+      ('Cutout', lambda x, k: cutout(x, a['Cutout'], k)),
+      ('SolarizeAdd', lambda x, k: solarize_add(x, a['SolarizeAdd'])),
   ]
 
 
-def randaugment(image: tf.Tensor, key: tf.Tensor, num_layers: int, magnitude: float) -> tf.Tensor:
+def randaugment(image: tf.Tensor, key: tf.Tensor, num_layers: int, magnitude: float,
+                ra_ops: str = 'reference') -> tf.Tensor:
   """`num_layers` ops, each chosen uniformly, applied in sequence to a uint8 [H, W, 3] image."""
   if num_layers < 0 or magnitude < 0:
     raise ValueError(f'RandAugment needs num_layers >= 0 and magnitude >= 0, got {num_layers}, {magnitude}')
-  fns = [fn for _, fn in ops(magnitude)]
+  fns = [fn for _, fn in ops(magnitude, ra_ops)]
   for layer_key in _split(key, num_layers) if num_layers else []:
     choose_key, op_key = _split(layer_key, 2)
     which = tf.random.stateless_uniform([], choose_key, 0, len(fns), tf.int32)
