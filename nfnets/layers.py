@@ -10,7 +10,8 @@ import jax.numpy as jnp
 
 from nfnets import conv as conv_lib
 
-# Empirical gammas from the reference code (spec §3.2): gamma * act(x) has unit variance for x ~ N(0, 1).
+# Empirical gammas from the reference code (deepmind-research nfnets/base.py, `nonlinearities`):
+# gamma * act(x) has unit variance for x ~ N(0, 1).
 # The code's constants, not the analytic ones, are kept so released weights behave identically.
 ACTIVATION_GAMMAS = {
     'identity': 1.0,
@@ -175,12 +176,16 @@ def residual_join(branch, shortcut, alpha: float, stoch_depth: 'StochDepth', is_
   return branch * skip_gain * alpha + shortcut, res_avg_var
 
 
-def pool_and_dropout(x: jax.Array, drop_rate: float, is_training: bool) -> jax.Array:
-  """Global average pool over H, W, then dropout (train only) before the classifier."""
-  pool = jnp.mean(x, axis=(1, 2))
+def global_pool(x: jax.Array) -> jax.Array:
+  """Global average pool over H, W: the [B, C] vector the classifier reads."""
+  return jnp.mean(x, axis=(1, 2))
+
+
+def dropout(x: jax.Array, drop_rate: float, is_training: bool) -> jax.Array:
+  """Dropout before the classifier, train only (reference `NFNet.__call__`)."""
   if is_training and drop_rate > 0:
-    pool = hk.dropout(hk.next_rng_key(), drop_rate, pool)
-  return pool
+    x = hk.dropout(hk.next_rng_key(), drop_rate, x)
+  return x
 
 
 def run_blocks(blocks, x, is_training: bool, return_metrics: bool, remat: bool = False):
@@ -200,3 +205,32 @@ def run_blocks(blocks, x, is_training: bool, return_metrics: bool, remat: bool =
         metrics[k].append(val)
       metrics['res_avg_var'].append(res_var)
   return x, ({k: jnp.stack(v) for k, v in metrics.items()} if return_metrics else None)
+
+
+def run_stages(stages, x, is_training: bool, return_metrics: bool, remat: bool = False):
+  """`run_blocks` over stages (lists of blocks): returns (output, metrics, [each stage's output]).
+
+  Metrics run over all blocks in order, as from one `run_blocks` call.
+  """
+  stage_outputs, stage_metrics = [], []
+  for blocks in stages:
+    x, metrics = run_blocks(blocks, x, is_training, return_metrics, remat)
+    stage_outputs.append(x)
+    stage_metrics.append(metrics)
+  if not return_metrics:
+    return x, None, stage_outputs
+  return x, {k: jnp.concatenate([m[k] for m in stage_metrics]) for k in stage_metrics[0]}, stage_outputs
+
+
+def stage_features(stem: jax.Array, stage_outputs: Sequence[jax.Array], pre_logits: jax.Array) -> dict:
+  """The `return_features` dict: 'stem', 'stage_1'.. (each stage's last block output), 'pre_logits'."""
+  features = {'stem': stem}
+  features.update({f'stage_{i}': out for i, out in enumerate(stage_outputs, start=1)})
+  features['pre_logits'] = pre_logits
+  return features
+
+
+def model_outputs(logits, metrics, features, return_metrics: bool, return_features: bool):
+  """logits; (logits, metrics); (logits, features); or (logits, metrics, features), as asked."""
+  out = (logits,) + ((metrics,) if return_metrics else ()) + ((features,) if return_features else ())
+  return out if len(out) > 1 else logits

@@ -54,7 +54,10 @@ class NFResBlock(hk.Module):
 class NFResNet(hk.Module):
   """Normalizer-free pre-activation ResNet-26/50/101/152/200.
 
-  Called as `model(images_nhwc, is_training, return_metrics=False)`, like `NFNet`.
+  Called as `model(images_nhwc, is_training, return_metrics=False, return_features=False)`, with the
+  returns of `NFNet`: logits, then `metrics` and `features` when asked. Features: `stem` (the 7x7 conv
+  and 3x3 max pool, [B, H/4, W/4, 16 * width]), `stage_1`..`stage_4` (each stage's last block output),
+  `pre_logits` (activation then global mean pool, before dropout: the classifier's input).
   `conv_impl` is accepted for a uniform interface with NFNet; NF-ResNets have no grouped convs.
   `width` multiplies 16 (stem) and 64/128/256/512 (stages): 4 is ResNet-50's width. `depths` overrides
   the variant's blocks per stage. `skip_gain_init` is every block's initial skip gain (0: SkipInit).
@@ -81,27 +84,30 @@ class NFResNet(hk.Module):
       raise ValueError(f'depths must be {len(STRIDES)} integers >= 1 (blocks per stage), got {depths!r}')
     ch = int(16 * width)
     self.initial_conv = layers.WSConv2D(ch, 7, stride=2, name='initial_conv')
-    self.blocks = []
+    self.stages = []
     expected_std, index, num_blocks = 1.0, 0, sum(depths)
     for stage_width, depth, stride in zip((64, 128, 256, 512), depths, STRIDES):
+      self.stages.append([])
       for block_index in range(depth):
         out_ch = int(stage_width * width)
-        self.blocks.append(NFResBlock(ch, out_ch, stride if block_index == 0 else 1,
-                                      beta=1.0 / expected_std, alpha=alpha, act=self.act,
-                                      stochdepth_rate=stochdepth_rate * index / num_blocks,
-                                      use_se=use_se, se_ratio=se_ratio, skip_gain_init=skip_gain_init))
+        self.stages[-1].append(NFResBlock(
+            ch, out_ch, stride if block_index == 0 else 1, beta=1.0 / expected_std, alpha=alpha,
+            act=self.act, stochdepth_rate=stochdepth_rate * index / num_blocks, use_se=use_se,
+            se_ratio=se_ratio, skip_gain_init=skip_gain_init))
         ch, index = out_ch, index + 1
         if block_index == 0:
           expected_std = 1.0
         expected_std = math.sqrt(expected_std ** 2 + alpha ** 2)
+    self.blocks = [b for stage in self.stages for b in stage]
     self.fc = hk.Linear(num_classes, w_init=fc_init or hk.initializers.RandomNormal(0.01, 0))
 
-  def __call__(self, x, is_training: bool, return_metrics: bool = False):
+  def __call__(self, x, is_training: bool, return_metrics: bool = False, return_features: bool = False):
     layers.check_images(x)
     out = self.initial_conv(x)
-    out = hk.max_pool(out, (1, 3, 3, 1), (1, 2, 2, 1), 'SAME')
-    out, metrics = layers.run_blocks(self.blocks, out, is_training, return_metrics, self.remat)
-    logits = self.fc(layers.pool_and_dropout(self.act(out), self.drop_rate, is_training))
-    if return_metrics:
-      return logits, metrics
-    return logits
+    stem = hk.max_pool(out, (1, 3, 3, 1), (1, 2, 2, 1), 'SAME')
+    out, metrics, stage_outputs = layers.run_stages(self.stages, stem, is_training, return_metrics,
+                                                    self.remat)
+    pool = layers.global_pool(self.act(out))
+    logits = self.fc(layers.dropout(pool, self.drop_rate, is_training))
+    features = layers.stage_features(stem, stage_outputs, pool) if return_features else None
+    return layers.model_outputs(logits, metrics, features, return_metrics, return_features)

@@ -132,9 +132,15 @@ class NFBlock(hk.Module):
 class NFNet(hk.Module):
   """Normalizer-Free Network F0..F7 / F0+..F7+.
 
-  Called as `model(images_nhwc, is_training, return_metrics=False)`; returns logits, or
-  `(logits, metrics)` where metrics hold per-block signal-propagation statistics of each block's output:
-  `avg_sq_mean`, `avg_var` and the residual-branch variance `res_avg_var` (arrays of length num_blocks).
+  Called as `model(images_nhwc, is_training, return_metrics=False, return_features=False)`; returns
+  logits, with `metrics` and then `features` appended as a tuple when asked: `(logits, metrics)`,
+  `(logits, features)` or `(logits, metrics, features)`.
+    metrics: per-block signal-propagation statistics of each block's output: `avg_sq_mean`, `avg_var`
+      and the residual-branch variance `res_avg_var` (arrays of length num_blocks).
+    features: `stem` (the last stem conv's output, [B, H/4, W/4, C]), `stage_1`..`stage_4` (each
+      stage's last block output), `pre_logits` (the [B, C] vector the classifier reads: final conv,
+      activation, global mean pool, before dropout; the reference's `outputs['pool']`).
+  Asking for features adds no parameters: the parameter tree is the same either way.
 
   Args:
     stochdepth_rate: the rate of the last block (0.25 in the paper and the reference config).
@@ -169,27 +175,31 @@ class NFNet(hk.Module):
     ]
     self.stem_convs.append(
         layers.WSConv2D(stem_out, 3, stride=2, conv_impl=conv_impl, name=f'stem_conv{len(stem_widths)}'))
-    self.specs = block_plan(depths or v.depths, widths, stem_out, width_mult=width,
+    depths = tuple(depths or v.depths)
+    self.specs = block_plan(depths, widths, stem_out, width_mult=width,
                             group_width=group_width, alpha=alpha, stochdepth_rate=stochdepth_rate)
     self.blocks = [NFBlock(s, alpha, se_ratio, self.act, use_two_convs, conv_impl, skip_gain_init)
                    for s in self.specs]
+    starts = [sum(depths[:i]) for i in range(len(depths) + 1)]
+    self.stages = [self.blocks[a:b] for a, b in zip(starts, starts[1:])]
     ch = final_conv_ch or int(final_conv_mult * self.specs[-1].out_ch)
     self.final_conv = layers.WSConv2D(ch, 1, conv_impl=conv_impl, name='final_conv')
     self.fc = hk.Linear(num_classes, w_init=fc_init or hk.initializers.RandomNormal(0.01, 0))
 
-  def __call__(self, x, is_training: bool, return_metrics: bool = False):
+  def __call__(self, x, is_training: bool, return_metrics: bool = False, return_features: bool = False):
     layers.check_images(x)
     out = x
     for i, conv in enumerate(self.stem_convs):
       out = conv(out)
       if i < len(self.stem_convs) - 1:  # no activation after the last stem conv
         out = self.act(out)
-    out, metrics = layers.run_blocks(self.blocks, out, is_training, return_metrics, self.remat)
-    out = self.act(self.final_conv(out))
-    logits = self.fc(layers.pool_and_dropout(out, self.drop_rate, is_training))
-    if return_metrics:
-      return logits, metrics
-    return logits
+    stem = out
+    out, metrics, stage_outputs = layers.run_stages(self.stages, out, is_training, return_metrics,
+                                                    self.remat)
+    pool = layers.global_pool(self.act(self.final_conv(out)))
+    logits = self.fc(layers.dropout(pool, self.drop_rate, is_training))
+    features = layers.stage_features(stem, stage_outputs, pool) if return_features else None
+    return layers.model_outputs(logits, metrics, features, return_metrics, return_features)
 
 
 def _conv_macs(h, w, k, cin, cout, groups=1):
