@@ -89,6 +89,35 @@ def block_plan(depths: Sequence[int], widths: Sequence[int], in_ch: int, width_m
   return specs
 
 
+def stem_channels(widths: Sequence[int]) -> int:
+  """The last stem conv's channels: half the first stage's *unscaled* width.
+
+  The reference (deepmind-research nfnets/nfnet.py, `ch = self.width_pattern[0] // 2`) does not apply
+  `width` here, nor to the 16/32/64 stem convs: only the stages' widths are multiplied.
+  """
+  return widths[0] // 2
+
+
+def final_conv_channels(last_ch: int, final_conv_mult: Optional[float],
+                        final_conv_ch: Optional[int]) -> int:
+  """The final 1x1 conv's channels, with the reference's precedence (deepmind-research nfnets/nfnet.py).
+
+  `final_conv_mult` wins: int(final_conv_mult * last_ch). `final_conv_ch` is read only when
+  `final_conv_mult` is None, so passing it alongside the default multiplier (2) leaves it unused.
+  """
+  if final_conv_mult is None:
+    if final_conv_ch is None:
+      raise ValueError('final_conv_mult and final_conv_ch are both None; accepted: a multiplier > 0, or '
+                       'final_conv_mult=None with final_conv_ch an integer >= 1')
+    if not isinstance(final_conv_ch, int) or isinstance(final_conv_ch, bool) or final_conv_ch < 1:
+      raise ValueError(f'final_conv_ch must be an integer >= 1, got {final_conv_ch!r}')
+    return final_conv_ch
+  if (not isinstance(final_conv_mult, (int, float)) or isinstance(final_conv_mult, bool)
+      or final_conv_mult <= 0):
+    raise ValueError(f'final_conv_mult must be a number > 0 or None, got {final_conv_mult!r}')
+  return int(final_conv_mult * last_ch)
+
+
 class NFBlock(hk.Module):
   """NFNet bottleneck block: two grouped 3x3 convs, SE, stochastic depth and a zero-init skip gain."""
 
@@ -147,7 +176,11 @@ class NFNet(hk.Module):
     drop_rate: dropout before the classifier; None takes the variant's rate.
     conv_impl: grouped-conv lowering, see `nfnets.conv` ('auto' picks per backend).
     remat: recompute each block's activations in the backward pass (jax.checkpoint) to save memory.
-    width, depths, group_width, stem_widths: shape overrides for small research models; the
+    width: multiplies the four stage widths only; the stem (16, 32, 64, then widths[0] // 2
+      channels) is not scaled, as in the reference.
+    final_conv_mult, final_conv_ch: the final conv has int(final_conv_mult * last stage width)
+      channels; final_conv_ch is used only when final_conv_mult is None (the reference's rule).
+    depths, widths, group_width, stem_widths: shape overrides for small research models; the
       defaults give the paper's variants.
     skip_gain_init: the initial value of every block's `skip_gain` (0 in the paper: SkipInit).
   """
@@ -168,7 +201,7 @@ class NFNet(hk.Module):
     self.drop_rate = v.drop_rate if drop_rate is None else drop_rate
     self.act = layers.activation(activation)
     widths = tuple(widths or v.widths)
-    stem_out = int(widths[0] * width) // 2
+    stem_out = stem_channels(widths)
     self.stem_convs = [
         layers.WSConv2D(ch, 3, stride=2 if i == 0 else 1, conv_impl=conv_impl, name=f'stem_conv{i}')
         for i, ch in enumerate(tuple(stem_widths))
@@ -182,7 +215,7 @@ class NFNet(hk.Module):
                    for s in self.specs]
     starts = [sum(depths[:i]) for i in range(len(depths) + 1)]
     self.stages = [self.blocks[a:b] for a, b in zip(starts, starts[1:])]
-    ch = final_conv_ch or int(final_conv_mult * self.specs[-1].out_ch)
+    ch = final_conv_channels(self.specs[-1].out_ch, final_conv_mult, final_conv_ch)
     self.final_conv = layers.WSConv2D(ch, 1, conv_impl=conv_impl, name='final_conv')
     self.fc = hk.Linear(num_classes, w_init=fc_init or hk.initializers.RandomNormal(0.01, 0))
 
@@ -218,7 +251,7 @@ def count_flops(variant: str, resolution: int, num_classes: int = 1000, **overri
   stem_widths = tuple(overrides.get('stem_widths', STEM_WIDTHS))
   se_ratio = overrides.get('se_ratio', 0.5)
   use_two_convs = overrides.get('use_two_convs', True)
-  stem_out = int(widths[0] * width) // 2
+  stem_out = stem_channels(widths)
   h = resolution
   macs, cin = 0, 3
   for i, ch in enumerate(stem_widths + (stem_out,)):
@@ -240,7 +273,8 @@ def count_flops(variant: str, resolution: int, num_classes: int = 1000, **overri
     hidden = max(1, int(s.out_ch * se_ratio))
     macs += s.out_ch * hidden + hidden * s.out_ch
     h = h_out
-  final_ch = overrides.get('final_conv_ch') or int(overrides.get('final_conv_mult', 2.0) * specs[-1].out_ch)
+  final_ch = final_conv_channels(specs[-1].out_ch, overrides.get('final_conv_mult', 2.0),
+                                 overrides.get('final_conv_ch'))
   macs += _conv_macs(h, h, 1, specs[-1].out_ch, final_ch)
   macs += final_ch * num_classes
   return macs

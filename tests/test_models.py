@@ -133,6 +133,42 @@ def test_f0_param_tree_matches_released_checkpoint_layout():
   assert shortcuts == [f'NFNet/~/nf_block{s}/~/conv_shortcut' for s in ('', '_1', '_3', '_9')]
 
 
+def test_width_scales_the_stages_not_the_stem():
+  """The reference NFNet (deepmind-research nfnets/nfnet.py) builds stem_conv0..2 with 16, 32, 64
+  channels and stem_conv3 with `width_pattern[0] // 2`, none multiplied by `width`; only the stage
+  widths are (`int(block_width * width)`), and the final conv follows the last stage (2x)."""
+  p = param_shapes('F0', width=2.0)
+  assert [p[f'NFNet/~/stem_conv{i}']['w'].shape for i in range(4)] == [
+      (3, 3, 3, 16), (3, 3, 16, 32), (3, 3, 32, 64), (3, 3, 64, 128)]
+  # Stage 1: out int(256 * 2) = 512, bottleneck (512 * 0.5) // 128 = 2 groups of 128; in: the 128-ch stem.
+  assert p['NFNet/~/nf_block/~/conv0']['w'].shape == (1, 1, 128, 256)
+  assert p['NFNet/~/nf_block/~/conv2']['w'].shape == (1, 1, 256, 512)
+  assert p['NFNet/~/final_conv']['w'].shape == (1, 1, 3072, 6144)
+
+
+@pytest.mark.parametrize('kw,channels', [
+    ({}, 256),  # nfnet_tiny's last stage is 128 wide; the default multiplier is 2
+    (dict(final_conv_mult=3), 384),
+    (dict(final_conv_ch=100), 256),  # the reference ignores final_conv_ch while a multiplier is set
+    (dict(final_conv_mult=None, final_conv_ch=100), 100),
+])
+def test_final_conv_channels_follow_the_reference_precedence(kw, channels):
+  """Reference head: `if final_conv_mult is None: ch = final_conv_ch` else `int(final_conv_mult * ch)`."""
+  p = param_shapes('nfnet_tiny', 10, size=32, **kw)
+  assert p['NFNet/~/final_conv']['w'].shape == (1, 1, 128, channels)
+  assert p['NFNet/~/linear']['w'].shape == (channels, 10)
+
+
+@pytest.mark.parametrize('kw,match', [
+    (dict(final_conv_mult=None), 'both None'),
+    (dict(final_conv_mult=None, final_conv_ch=0), 'final_conv_ch must be an integer >= 1, got 0'),
+    (dict(final_conv_mult=-1.0), 'final_conv_mult must be a number > 0 or None, got -1.0'),
+])
+def test_bad_final_conv_arguments(kw, match):
+  with pytest.raises(ValueError, match=match):
+    param_shapes('nfnet_tiny', 10, size=32, **kw)
+
+
 def test_f0_betas_and_stochdepth_rates():
   specs = nfnets.block_plan((1, 2, 6, 3), (256, 512, 1536, 1536), 128)
   betas = [1.0, 0.980581, 0.980581, 0.962250, 0.980581, 0.962250, 0.944911, 0.928477, 0.912871,
