@@ -84,7 +84,7 @@ class Predictor:
   """An NFNet with loaded weights and its eval preprocessing settings.
 
   Args:
-    weights: anything `nfnets.train_io.read_weights` reads (workdir, released pickle, .npz, timm file).
+    weights: anything `nfnets.run_dir.read_weights` reads (workdir, released pickle, .npz, timm file).
     model: registry or timm name; None: the run's config.json, else detected from the weights.
     num_classes: None: the classifier's width in the weights.
     image_size / resize_pad: None: the run's eval settings, else the model's test size and 32.
@@ -97,13 +97,13 @@ class Predictor:
                image_size: Optional[int] = None, resize_pad: Optional[int] = None, conv_impl: str = 'auto'):
     import haiku as hk  # pylint: disable=g-import-not-at-top
     import jax  # pylint: disable=g-import-not-at-top
-    from nfnets import registry, train_io  # pylint: disable=g-import-not-at-top
+    from nfnets import registry, run_dir  # pylint: disable=g-import-not-at-top
     from nfnets import weights as weights_lib  # pylint: disable=g-import-not-at-top
     weights = os.fspath(weights)
     if not os.path.exists(weights):
       raise FileNotFoundError(f'--weights: no such file or folder: {weights}')
     run = _run_config(weights)
-    params = train_io.read_weights(weights)
+    params = run_dir.read_weights(weights)
     model = model or run.get('model', {}).get('name')
     if model is None:  # detect with the file's own class count, so a wrong --num_classes lists mismatches
       model = weights_lib.validate(params, None, None, source=weights)
