@@ -1,8 +1,11 @@
-"""Normalizer-free building blocks: scaled WS conv, squeeze-excite, stochastic depth, gamma activations.
+"""Normalizer-free building blocks: scaled WS conv, squeeze-excite, stochastic depth, gamma activations,
+and the network plan (`NetPlan`, `plan_blocks`) that NFNets and NF-ResNets are built from.
 
 Parameter names match DeepMind's released Haiku checkpoints (`w`, `gain`, `bias`; SE `linear`/`linear_1`).
 """
-from typing import Callable, Optional, Sequence, Union
+import dataclasses
+import math
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import haiku as hk
 import jax
@@ -234,3 +237,125 @@ def model_outputs(logits, metrics, features, return_metrics: bool, return_featur
   """logits; (logits, metrics); (logits, features); or (logits, metrics, features), as asked."""
   out = (logits,) + ((metrics,) if return_metrics else ()) + ((features,) if return_features else ())
   return out if len(out) > 1 else logits
+
+
+# ------------------------------------------------------------------------------------------ the plan
+STAGE_STRIDES = (1, 2, 2, 2)  # both families (reference `stride_pattern`)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+  """One residual block: shapes, its beta/alpha signal-propagation scalars and its drop rate."""
+  index: int  # over the whole network
+  stage: int  # 0-based
+  stage_index: int  # position in its stage; 0 is the transition block
+  in_ch: int
+  out_ch: int
+  width: int  # bottleneck width of the 3x3 convs
+  groups: int  # of the 3x3 convs
+  stride: int
+  num_3x3: int  # 3x3 convs in the bottleneck: 2 in NFNets (conv1, conv1b), 1 in NF-ResNets
+  se_hidden: int  # squeeze-excite hidden units; 0: no squeeze-excite
+  alpha: float
+  beta: float  # 1 / expected_std: the residual branch's input scale
+  expected_std: float  # expected std of the block's input
+  expected_out_var: float  # expected variance of its output (unit-variance branch, skip gain 1)
+  stochdepth_rate: float
+
+  @property
+  def use_projection(self) -> bool:
+    return self.stride > 1 or self.in_ch != self.out_ch
+
+
+def plan_blocks(depths: Sequence[int], stage_channels: Sequence[int], in_ch: int,
+                bottleneck: Callable[[int], Tuple[int, int]], alpha: float, stochdepth_rate: float,
+                num_3x3: int, se_hidden: Callable[[int], int],
+                strides: Sequence[int] = STAGE_STRIDES) -> Tuple[BlockSpec, ...]:
+  """Every block of a network: the one home of the beta/alpha recurrence, for both families.
+
+  Brock et al. 2021, Section 3: block i computes h + alpha * f(h / beta_i) with beta_i the expected std
+  of its input, so Var grows by alpha^2 per block, and a transition block (the first of a stage, whose
+  shortcut also reads h / beta_i) resets it to 1 + alpha^2. The loop is the reference's
+  (deepmind-research nfnets/nfnet.py and nf_resnet.py), stochastic depth included: block i of N drops
+  with stochdepth_rate * i / N.
+
+  Args:
+    stage_channels: each stage's output channels (already width-scaled).
+    bottleneck: the family's rule, out_ch -> (bottleneck width, groups of the 3x3 convs).
+    se_hidden: the family's rule, out_ch -> squeeze-excite hidden units (0: none).
+  """
+  depths = tuple(depths)
+  if len(depths) != len(strides) or not all(
+      isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in depths):
+    raise ValueError(f'depths must be {len(strides)} integers >= 1 (blocks per stage), got {depths!r}')
+  if len(stage_channels) != len(strides):
+    raise ValueError(f'widths must be {len(strides)} stage widths, got {tuple(stage_channels)!r}')
+  num_blocks, specs, expected_std = sum(depths), [], 1.0
+  for stage, (out_ch, depth, stride) in enumerate(zip(stage_channels, depths, strides)):
+    width, groups = bottleneck(out_ch)
+    for stage_index in range(depth):
+      # The first block of a stage: its output variance is reset (1 + alpha^2), later ones add alpha^2.
+      out_var = (1.0 if stage_index == 0 else expected_std ** 2) + alpha ** 2
+      index = len(specs)
+      specs.append(BlockSpec(
+          index=index, stage=stage, stage_index=stage_index, in_ch=in_ch, out_ch=out_ch, width=width,
+          groups=groups, stride=stride if stage_index == 0 else 1, num_3x3=num_3x3,
+          se_hidden=se_hidden(out_ch), alpha=alpha, beta=1.0 / expected_std, expected_std=expected_std,
+          expected_out_var=out_var, stochdepth_rate=stochdepth_rate * index / num_blocks))
+      in_ch, expected_std = out_ch, math.sqrt(out_var)
+  return tuple(specs)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvSpec:
+  name: str
+  out_ch: int
+  kernel: int
+  stride: int
+
+
+@dataclasses.dataclass(frozen=True)
+class NetPlan:
+  """Everything that shapes a network: the model builds its modules from it, FLOP counts read it."""
+  stem: Tuple[ConvSpec, ...]  # WS convs in order, an activation between consecutive ones
+  stem_pool_stride: int  # stride of a 3x3 max pool after the stem convs; 1: no pool
+  blocks: Tuple[BlockSpec, ...]
+  final_conv_ch: Optional[int]  # the 1x1 conv before pooling; None: none (NF-ResNets)
+  num_classes: int
+
+  @property
+  def stages(self) -> Tuple[Tuple[BlockSpec, ...], ...]:
+    return tuple(tuple(b for b in self.blocks if b.stage == s) for s in range(self.blocks[-1].stage + 1))
+
+  @property
+  def num_features(self) -> int:
+    """Width of `pre_logits`, the pooled vector the classifier reads."""
+    return self.final_conv_ch or self.blocks[-1].out_ch
+
+  def macs(self, resolution: int) -> int:
+    """Multiply-accumulates of one forward pass on a square image: convs, SE FCs and the classifier.
+
+    'SAME' padding: a stride-s layer maps h to ceil(h / s). Biases, activations and pooling are not
+    counted, as in the reference's `count_flops`.
+    """
+    if not isinstance(resolution, int) or isinstance(resolution, bool) or resolution < 1:
+      raise ValueError(f'resolution must be an integer >= 1 (pixels), got {resolution!r}')
+    conv = lambda h, k, cin, cout, groups=1: h * h * k * k * (cin // groups) * cout
+    h, cin, total = resolution, 3, 0
+    for c in self.stem:
+      h = -(-h // c.stride)
+      total += conv(h, c.kernel, cin, c.out_ch)
+      cin = c.out_ch
+    h = -(-h // self.stem_pool_stride)
+    for b in self.blocks:
+      h_out = -(-h // b.stride)
+      total += conv(h, 1, b.in_ch, b.width)  # conv0 at the input resolution
+      total += b.num_3x3 * conv(h_out, 3, b.width, b.width, b.groups)  # the first one strides
+      total += conv(h_out, 1, b.width, b.out_ch)
+      if b.use_projection:
+        total += conv(h_out, 1, b.in_ch, b.out_ch)
+      total += 2 * b.out_ch * b.se_hidden
+      h = h_out
+    if self.final_conv_ch:
+      total += conv(h, 1, self.blocks[-1].out_ch, self.final_conv_ch)
+    return total + self.num_features * self.num_classes

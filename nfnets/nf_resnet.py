@@ -1,9 +1,8 @@
 """Pre-activation NF-ResNets (Brock et al. 2021a), the models of the paper's AGC study.
 
-Module tree as the reference `NF_ResNet`: `NF_ResNet/~/initial_conv`, `NF_ResNet/~/nf_res_block[_k]/~/conv0..2`,
-`conv_shortcut`, and `NF_ResNet/~/linear`.
+Module tree as the reference `NF_ResNet`: `NF_ResNet/~/initial_conv`,
+`NF_ResNet/~/nf_res_block[_k]/~/conv0..2`, `conv_shortcut`, and `NF_ResNet/~/linear`.
 """
-import math
 from typing import Optional, Sequence
 
 import haiku as hk
@@ -17,38 +16,59 @@ DEPTHS = {
     'ResNet152': (3, 8, 36, 3),
     'ResNet200': (3, 24, 36, 3),
 }
-STRIDES = (1, 2, 2, 2)
+STRIDES = layers.STAGE_STRIDES
+STAGE_WIDTHS = (64, 128, 256, 512)  # multiplied by `width`
+
+
+def nf_resnet_plan(num_classes: int = 1000, variant: str = 'ResNet50', width: float = 4,
+                   alpha: float = 0.2, stochdepth_rate: float = 0.1, use_se: bool = False,
+                   se_ratio: float = 0.25, depths: Optional[Sequence[int]] = None) -> layers.NetPlan:
+  """The plan `NFResNet` is built from (arguments as `NFResNet`'s).
+
+  The reference `NF_ResNet` (deepmind-research nfnets/nf_resnet.py): a 7x7/2 stem conv of 16 * width
+  channels and a 3x3/2 max pool; stages of 64, 128, 256, 512 x width channels; bottleneck blocks of
+  width out / 4 with one ungrouped 3x3 conv; the beta/alpha recurrence of `layers.plan_blocks`.
+  """
+  if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+    raise ValueError(f'num_classes must be an integer >= 1, got {num_classes!r}')
+  if variant not in DEPTHS:
+    raise ValueError(f'Unknown NF-ResNet variant {variant!r}; accepted: {sorted(DEPTHS)}')
+  if not isinstance(width, (int, float)) or isinstance(width, bool) or width * 16 < 1:
+    raise ValueError(f'width must be a number >= 1/16 (4 = ResNet-50), got {width!r}')
+  stem = layers.ConvSpec('initial_conv', int(16 * width), 7, 2)
+  blocks = layers.plan_blocks(
+      depths or DEPTHS[variant], [int(w * width) for w in STAGE_WIDTHS], stem.out_ch,
+      bottleneck=lambda out_ch: (int(out_ch * 0.25), 1), alpha=alpha, stochdepth_rate=stochdepth_rate,
+      num_3x3=1, se_hidden=lambda out_ch: max(1, int(out_ch * se_ratio)) if use_se else 0, strides=STRIDES)
+  return layers.NetPlan(stem=(stem,), stem_pool_stride=2, blocks=blocks, final_conv_ch=None,
+                        num_classes=num_classes)
 
 
 class NFResBlock(hk.Module):
   """Pre-activation bottleneck (ratio 0.25) with an optional SE, stochastic depth and a skip gain."""
 
-  def __init__(self, in_ch, out_ch, stride, beta, alpha, act, stochdepth_rate, use_se, se_ratio,
-               skip_gain_init: float = 0.0, name: Optional[str] = None):
+  def __init__(self, spec: layers.BlockSpec, act, skip_gain_init: float = 0.0, name: Optional[str] = None):
     super().__init__(name=name)
-    self.skip_gain_init = skip_gain_init
-    self.in_ch, self.out_ch, self.stride = in_ch, out_ch, stride
-    self.beta, self.alpha, self.act = beta, alpha, act
-    width = int(out_ch * 0.25)
-    self.conv0 = layers.WSConv2D(width, 1, name='conv0')
-    self.conv1 = layers.WSConv2D(width, 3, stride=stride, name='conv1')
-    self.conv2 = layers.WSConv2D(out_ch, 1, name='conv2')
-    self.use_projection = stride > 1 or in_ch != out_ch
-    if self.use_projection:
-      self.conv_shortcut = layers.WSConv2D(out_ch, 1, stride=stride, name='conv_shortcut')
-    self.se = layers.SqueezeExcite(out_ch, out_ch, se_ratio) if use_se else None
-    self.stoch_depth = layers.StochDepth(stochdepth_rate)
+    self.spec, self.act, self.skip_gain_init = spec, act, skip_gain_init
+    s = spec
+    self.conv0 = layers.WSConv2D(s.width, 1, name='conv0')
+    self.conv1 = layers.WSConv2D(s.width, 3, stride=s.stride, name='conv1')
+    self.conv2 = layers.WSConv2D(s.out_ch, 1, name='conv2')
+    if s.use_projection:
+      self.conv_shortcut = layers.WSConv2D(s.out_ch, 1, stride=s.stride, name='conv_shortcut')
+    self.se = layers.SqueezeExcite(s.out_ch, s.out_ch, hidden_ch=s.se_hidden) if s.se_hidden else None
+    self.stoch_depth = layers.StochDepth(s.stochdepth_rate)
 
   def __call__(self, x, is_training):
-    out = self.act(x) * self.beta
-    shortcut = self.conv_shortcut(out) if self.use_projection else x
+    s = self.spec
+    out = self.act(x) * s.beta
+    shortcut = self.conv_shortcut(out) if s.use_projection else x
     out = self.conv0(out)
     out = self.conv1(self.act(out))
     out = self.conv2(self.act(out))
     if self.se is not None:
       out = (self.se(out) * 2) * out
-    return layers.residual_join(out, shortcut, self.alpha, self.stoch_depth, is_training,
-                                self.skip_gain_init)
+    return layers.residual_join(out, shortcut, s.alpha, self.stoch_depth, is_training, self.skip_gain_init)
 
 
 class NFResNet(hk.Module):
@@ -69,36 +89,17 @@ class NFResNet(hk.Module):
                depths: Optional[Sequence[int]] = None, conv_impl: str = 'auto', remat: bool = False,
                skip_gain_init: float = 0.0, name: str = 'NF_ResNet'):
     super().__init__(name=name)
-    self.remat = remat
     del conv_impl
-    if not isinstance(num_classes, int) or num_classes < 1:
-      raise ValueError(f'num_classes must be an integer >= 1, got {num_classes!r}')
-    if variant not in DEPTHS:
-      raise ValueError(f'Unknown NF-ResNet variant {variant!r}; accepted: {sorted(DEPTHS)}')
-    self.drop_rate = drop_rate
+    self.plan = nf_resnet_plan(num_classes, variant, width=width, alpha=alpha,
+                               stochdepth_rate=stochdepth_rate, use_se=use_se, se_ratio=se_ratio,
+                               depths=depths)
+    self.remat, self.drop_rate = remat, drop_rate
     self.act = layers.activation(activation)
-    if not isinstance(width, (int, float)) or isinstance(width, bool) or width * 16 < 1:
-      raise ValueError(f'width must be a number >= 1/16 (4 = ResNet-50), got {width!r}')
-    depths = tuple(depths or DEPTHS[variant])
-    if len(depths) != len(STRIDES) or not all(isinstance(d, int) and d >= 1 for d in depths):
-      raise ValueError(f'depths must be {len(STRIDES)} integers >= 1 (blocks per stage), got {depths!r}')
-    ch = int(16 * width)
-    self.initial_conv = layers.WSConv2D(ch, 7, stride=2, name='initial_conv')
-    self.stages = []
-    expected_std, index, num_blocks = 1.0, 0, sum(depths)
-    for stage_width, depth, stride in zip((64, 128, 256, 512), depths, STRIDES):
-      self.stages.append([])
-      for block_index in range(depth):
-        out_ch = int(stage_width * width)
-        self.stages[-1].append(NFResBlock(
-            ch, out_ch, stride if block_index == 0 else 1, beta=1.0 / expected_std, alpha=alpha,
-            act=self.act, stochdepth_rate=stochdepth_rate * index / num_blocks, use_se=use_se,
-            se_ratio=se_ratio, skip_gain_init=skip_gain_init))
-        ch, index = out_ch, index + 1
-        if block_index == 0:
-          expected_std = 1.0
-        expected_std = math.sqrt(expected_std ** 2 + alpha ** 2)
-    self.blocks = [b for stage in self.stages for b in stage]
+    (stem,) = self.plan.stem
+    self.initial_conv = layers.WSConv2D(stem.out_ch, stem.kernel, stride=stem.stride, name=stem.name)
+    self.stages = [[NFResBlock(spec, self.act, skip_gain_init) for spec in stage]
+                   for stage in self.plan.stages]
+    self.blocks = [block for stage in self.stages for block in stage]
     self.fc = hk.Linear(num_classes, w_init=fc_init or hk.initializers.RandomNormal(0.01, 0))
 
   def __call__(self, x, is_training: bool, return_metrics: bool = False, return_features: bool = False):

@@ -1,11 +1,12 @@
 """NFNet-F0..F7 and F0+..F7+ (Brock et al. 2021), with the reference's module tree and numbers.
 
 The variant table is the one source of truth for depths, image sizes, drop rates and RandAugment levels;
-`block_plan` derives every block's shape from it, and both the model and `count_flops` read that plan.
+`nfnet_plan` derives every layer's shape from it (blocks through `block_plan`, the shared beta/alpha
+recurrence `layers.plan_blocks` with NFNet's shape rules); the model is built from that plan and
+`registry.count_flops` reads it.
 """
 import dataclasses
-import math
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import haiku as hk
 
@@ -37,7 +38,7 @@ VARIANTS = dict(_BASE)
 VARIANTS.update({k + '+': dataclasses.replace(v, widths=(384, 768, 2048, 2048)) for k, v in _BASE.items()})
 
 RA_LAYERS = 4
-STRIDES = (1, 2, 2, 2)
+STRIDES = layers.STAGE_STRIDES
 STEM_WIDTHS = (16, 32, 64)  # the fourth stem conv has widths[0] // 2 channels.
 
 
@@ -47,46 +48,26 @@ def get_variant(variant: str) -> Variant:
   return VARIANTS[variant]
 
 
-@dataclasses.dataclass(frozen=True)
-class BlockSpec:
-  index: int
-  in_ch: int
-  out_ch: int
-  width: int  # bottleneck width, a multiple of the group width
-  groups: int
-  stride: int
-  beta: float
-  expected_std: float  # expected std of the block's input
-  stochdepth_rate: float
-
-  @property
-  def use_projection(self) -> bool:
-    return self.stride > 1 or self.in_ch != self.out_ch
-
-
 def block_plan(depths: Sequence[int], widths: Sequence[int], in_ch: int, width_mult: float = 1.0,
                expansion: float = 0.5, group_width: int = 128, alpha: float = 0.2,
-               stochdepth_rate: float = 0.25, strides: Sequence[int] = STRIDES) -> List[BlockSpec]:
-  """Per-block shapes, betas and stochastic-depth rates, following the reference's loop exactly."""
-  num_blocks = sum(depths)
-  specs, expected_std, index = [], 1.0, 0
-  for stage_width, depth, stride in zip(widths, depths, strides):
-    for block_index in range(depth):
-      out_ch = int(stage_width * width_mult)
-      groups = int(out_ch * expansion) // group_width
-      if groups < 1:
-        raise ValueError(f'Stage width {out_ch} * expansion {expansion} is below the group width '
-                         f'{group_width}; lower group_width.')
-      specs.append(BlockSpec(index=index, in_ch=in_ch, out_ch=out_ch, width=groups * group_width,
-                             groups=groups, stride=stride if block_index == 0 else 1,
-                             beta=1.0 / expected_std, expected_std=expected_std,
-                             stochdepth_rate=stochdepth_rate * index / num_blocks))
-      in_ch, index = out_ch, index + 1
-      # The variance resets after each stage's transition block; each block adds alpha^2.
-      if block_index == 0:
-        expected_std = 1.0
-      expected_std = math.sqrt(expected_std ** 2 + alpha ** 2)
-  return specs
+               stochdepth_rate: float = 0.25, strides: Sequence[int] = STRIDES, se_ratio: float = 0.5,
+               use_two_convs: bool = True) -> Tuple[layers.BlockSpec, ...]:
+  """NFNet blocks: `layers.plan_blocks` (the beta/alpha recurrence) with NFNet's shape rules.
+
+  A stage of width w has int(w * width_mult) output channels and a grouped bottleneck of
+  int(out * expansion) rounded down to a multiple of `group_width` (reference `NFBlock`, big_width).
+  """
+  def bottleneck(out_ch):
+    groups = int(out_ch * expansion) // group_width
+    if groups < 1:
+      raise ValueError(f'Stage width {out_ch} * expansion {expansion} is below the group width '
+                       f'{group_width}; accepted: group_width <= {int(out_ch * expansion)}')
+    return groups * group_width, groups
+
+  return layers.plan_blocks(
+      depths, [int(w * width_mult) for w in widths], in_ch, bottleneck, alpha, stochdepth_rate,
+      num_3x3=2 if use_two_convs else 1, se_hidden=lambda out_ch: max(1, int(out_ch * se_ratio)),
+      strides=strides)
 
 
 def stem_channels(widths: Sequence[int]) -> int:
@@ -118,25 +99,44 @@ def final_conv_channels(last_ch: int, final_conv_mult: Optional[float],
   return int(final_conv_mult * last_ch)
 
 
-class NFBlock(hk.Module):
-  """NFNet bottleneck block: two grouped 3x3 convs, SE, stochastic depth and a zero-init skip gain."""
+def nfnet_plan(num_classes: int = 1000, variant: str = 'F0', width: float = 1.0, se_ratio: float = 0.5,
+               alpha: float = 0.2, stochdepth_rate: float = 0.25, final_conv_mult: Optional[float] = 2.0,
+               final_conv_ch: Optional[int] = None, use_two_convs: bool = True,
+               depths: Optional[Sequence[int]] = None, widths: Optional[Sequence[int]] = None,
+               group_width: int = 128, stem_widths: Sequence[int] = STEM_WIDTHS) -> layers.NetPlan:
+  """The plan `NFNet` is built from (arguments as `NFNet`'s): stem, blocks, final conv, classifier."""
+  if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+    raise ValueError(f'num_classes must be an integer >= 1, got {num_classes!r}')
+  v = get_variant(variant)
+  widths = tuple(widths or v.widths)
+  stem = [layers.ConvSpec(f'stem_conv{i}', ch, 3, 2 if i == 0 else 1) for i, ch in enumerate(stem_widths)]
+  stem.append(layers.ConvSpec(f'stem_conv{len(stem)}', stem_channels(widths), 3, 2))
+  blocks = block_plan(depths or v.depths, widths, stem[-1].out_ch, width_mult=width,
+                      group_width=group_width, alpha=alpha, stochdepth_rate=stochdepth_rate,
+                      se_ratio=se_ratio, use_two_convs=use_two_convs)
+  final_ch = final_conv_channels(blocks[-1].out_ch, final_conv_mult, final_conv_ch)
+  return layers.NetPlan(stem=tuple(stem), stem_pool_stride=1, blocks=blocks, final_conv_ch=final_ch,
+                        num_classes=num_classes)
 
-  def __init__(self, spec: BlockSpec, alpha: float, se_ratio: float, act, use_two_convs: bool = True,
-               conv_impl: str = 'auto', skip_gain_init: float = 0.0, name: Optional[str] = None):
+
+class NFBlock(hk.Module):
+  """NFNet bottleneck block: grouped 3x3 conv(s) (`spec.num_3x3`), SE, stochastic depth, a skip gain."""
+
+  def __init__(self, spec: layers.BlockSpec, act, conv_impl: str = 'auto', skip_gain_init: float = 0.0,
+               name: Optional[str] = None):
     super().__init__(name=name)
-    self.spec, self.alpha, self.act, self.use_two_convs = spec, alpha, act, use_two_convs
-    self.skip_gain_init = skip_gain_init
+    self.spec, self.act, self.skip_gain_init = spec, act, skip_gain_init
     s = spec
     self.conv0 = layers.WSConv2D(s.width, 1, conv_impl=conv_impl, name='conv0')
     self.conv1 = layers.WSConv2D(s.width, 3, stride=s.stride, feature_group_count=s.groups,
                                  conv_impl=conv_impl, name='conv1')
-    if use_two_convs:
+    if s.num_3x3 == 2:
       self.conv1b = layers.WSConv2D(s.width, 3, feature_group_count=s.groups, conv_impl=conv_impl,
                                     name='conv1b')
     self.conv2 = layers.WSConv2D(s.out_ch, 1, conv_impl=conv_impl, name='conv2')
     if s.use_projection:
       self.conv_shortcut = layers.WSConv2D(s.out_ch, 1, conv_impl=conv_impl, name='conv_shortcut')
-    self.se = layers.SqueezeExcite(s.out_ch, s.out_ch, se_ratio=se_ratio)
+    self.se = layers.SqueezeExcite(s.out_ch, s.out_ch, hidden_ch=s.se_hidden)
     self.stoch_depth = layers.StochDepth(s.stochdepth_rate)
 
   def __call__(self, x, is_training):
@@ -150,12 +150,11 @@ class NFBlock(hk.Module):
       shortcut = x
     out = self.conv0(out)
     out = self.conv1(self.act(out))
-    if self.use_two_convs:
+    if s.num_3x3 == 2:
       out = self.conv1b(self.act(out))
     out = self.conv2(self.act(out))
     out = (self.se(out) * 2) * out
-    return layers.residual_join(out, shortcut, self.alpha, self.stoch_depth, is_training,
-                                self.skip_gain_init)
+    return layers.residual_join(out, shortcut, s.alpha, self.stoch_depth, is_training, self.skip_gain_init)
 
 
 class NFNet(hk.Module):
@@ -187,36 +186,26 @@ class NFNet(hk.Module):
 
   def __init__(self, num_classes: int, variant: str = 'F0', width: float = 1.0, se_ratio: float = 0.5,
                alpha: float = 0.2, stochdepth_rate: float = 0.25, drop_rate: Optional[float] = None,
-               activation: str = 'gelu', fc_init=None, final_conv_mult: float = 2.0,
+               activation: str = 'gelu', fc_init=None, final_conv_mult: Optional[float] = 2.0,
                final_conv_ch: Optional[int] = None, use_two_convs: bool = True, conv_impl: str = 'auto',
                depths: Optional[Sequence[int]] = None, widths: Optional[Sequence[int]] = None,
                group_width: int = 128, stem_widths: Sequence[int] = STEM_WIDTHS,
                remat: bool = False, skip_gain_init: float = 0.0, name: str = 'NFNet'):
     super().__init__(name=name)
-    self.remat = remat
-    if not isinstance(num_classes, int) or num_classes < 1:
-      raise ValueError(f'num_classes must be an integer >= 1, got {num_classes!r}')
-    v = get_variant(variant)
-    self.variant, self.num_classes = variant, num_classes
-    self.drop_rate = v.drop_rate if drop_rate is None else drop_rate
+    self.plan = nfnet_plan(
+        num_classes, variant, width=width, se_ratio=se_ratio, alpha=alpha, stochdepth_rate=stochdepth_rate,
+        final_conv_mult=final_conv_mult, final_conv_ch=final_conv_ch, use_two_convs=use_two_convs,
+        depths=depths, widths=widths, group_width=group_width, stem_widths=stem_widths)
+    self.variant, self.num_classes, self.remat = variant, num_classes, remat
+    self.drop_rate = get_variant(variant).drop_rate if drop_rate is None else drop_rate
     self.act = layers.activation(activation)
-    widths = tuple(widths or v.widths)
-    stem_out = stem_channels(widths)
-    self.stem_convs = [
-        layers.WSConv2D(ch, 3, stride=2 if i == 0 else 1, conv_impl=conv_impl, name=f'stem_conv{i}')
-        for i, ch in enumerate(tuple(stem_widths))
-    ]
-    self.stem_convs.append(
-        layers.WSConv2D(stem_out, 3, stride=2, conv_impl=conv_impl, name=f'stem_conv{len(stem_widths)}'))
-    depths = tuple(depths or v.depths)
-    self.specs = block_plan(depths, widths, stem_out, width_mult=width,
-                            group_width=group_width, alpha=alpha, stochdepth_rate=stochdepth_rate)
-    self.blocks = [NFBlock(s, alpha, se_ratio, self.act, use_two_convs, conv_impl, skip_gain_init)
-                   for s in self.specs]
-    starts = [sum(depths[:i]) for i in range(len(depths) + 1)]
-    self.stages = [self.blocks[a:b] for a, b in zip(starts, starts[1:])]
-    ch = final_conv_channels(self.specs[-1].out_ch, final_conv_mult, final_conv_ch)
-    self.final_conv = layers.WSConv2D(ch, 1, conv_impl=conv_impl, name='final_conv')
+    # Modules are created in the reference's order, so Haiku names them as in the released weights.
+    self.stem_convs = [layers.WSConv2D(c.out_ch, c.kernel, stride=c.stride, conv_impl=conv_impl,
+                                       name=c.name) for c in self.plan.stem]
+    self.stages = [[NFBlock(spec, self.act, conv_impl, skip_gain_init) for spec in stage]
+                   for stage in self.plan.stages]
+    self.blocks = [block for stage in self.stages for block in stage]
+    self.final_conv = layers.WSConv2D(self.plan.final_conv_ch, 1, conv_impl=conv_impl, name='final_conv')
     self.fc = hk.Linear(num_classes, w_init=fc_init or hk.initializers.RandomNormal(0.01, 0))
 
   def __call__(self, x, is_training: bool, return_metrics: bool = False, return_features: bool = False):
@@ -233,48 +222,3 @@ class NFNet(hk.Module):
     logits = self.fc(layers.dropout(pool, self.drop_rate, is_training))
     features = layers.stage_features(stem, stage_outputs, pool) if return_features else None
     return layers.model_outputs(logits, metrics, features, return_metrics, return_features)
-
-
-def _conv_macs(h, w, k, cin, cout, groups=1):
-  return h * w * k * k * (cin // groups) * cout
-
-
-def count_flops(variant: str, resolution: int, num_classes: int = 1000, **overrides) -> int:
-  """Multiply-accumulates of one forward pass at `resolution` (convs, SE FCs and classifier).
-
-  The paper's "FLOPs" are this count at the test resolution (F0 at 256 px: 12,384,198,656).
-  Accepts the same shape overrides as `NFNet` (width, depths, widths, group_width, final_conv_mult).
-  """
-  v = get_variant(variant)
-  width = overrides.get('width', 1.0)
-  widths = tuple(overrides.get('widths') or v.widths)
-  stem_widths = tuple(overrides.get('stem_widths', STEM_WIDTHS))
-  se_ratio = overrides.get('se_ratio', 0.5)
-  use_two_convs = overrides.get('use_two_convs', True)
-  stem_out = stem_channels(widths)
-  h = resolution
-  macs, cin = 0, 3
-  for i, ch in enumerate(stem_widths + (stem_out,)):
-    stride = 2 if i in (0, len(stem_widths)) else 1
-    h = -(-h // stride)
-    macs += _conv_macs(h, h, 3, cin, ch)
-    cin = ch
-  specs = block_plan(overrides.get('depths') or v.depths, widths, stem_out, width_mult=width,
-                     group_width=overrides.get('group_width', 128))
-  for s in specs:
-    h_out = -(-h // s.stride)
-    macs += _conv_macs(h, h, 1, s.in_ch, s.width)
-    macs += _conv_macs(h_out, h_out, 3, s.width, s.width, s.groups)
-    if use_two_convs:
-      macs += _conv_macs(h_out, h_out, 3, s.width, s.width, s.groups)
-    macs += _conv_macs(h_out, h_out, 1, s.width, s.out_ch)
-    if s.use_projection:
-      macs += _conv_macs(h_out, h_out, 1, s.in_ch, s.out_ch)
-    hidden = max(1, int(s.out_ch * se_ratio))
-    macs += s.out_ch * hidden + hidden * s.out_ch
-    h = h_out
-  final_ch = final_conv_channels(specs[-1].out_ch, overrides.get('final_conv_mult', 2.0),
-                                 overrides.get('final_conv_ch'))
-  macs += _conv_macs(h, h, 1, specs[-1].out_ch, final_ch)
-  macs += final_ch * num_classes
-  return macs

@@ -5,7 +5,9 @@ Every other module (configs, data pipeline, benchmark, checkpoint import) reads 
 import dataclasses
 from typing import Any, Callable, Dict
 
-from nfnets import nf_resnet, nfnet
+import haiku as hk
+
+from nfnets import layers, nf_resnet, nfnet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,10 +61,22 @@ def create_model(name: str, num_classes: int = 1000, **overrides):
   return spec.constructor(num_classes=num_classes, **kwargs)
 
 
-def count_flops(name: str, resolution: int, num_classes: int = 1000) -> int:
-  """Forward multiply-accumulates of a registered NFNet ('F0', 'F3+', 'nfnet_tiny', ...) at `resolution`."""
-  spec = get_spec(name)
-  if spec.constructor is not nfnet.NFNet:
-    raise ValueError(f'count_flops supports the NFNet family only, got {name!r}')
-  kwargs = {k: v for k, v in spec.kwargs.items() if k != 'variant'}
-  return nfnet.count_flops(spec.kwargs['variant'], resolution, num_classes, **kwargs)
+def model_plan(name: str, num_classes: int = 1000, **overrides) -> layers.NetPlan:
+  """The `layers.NetPlan` that `create_model(name, num_classes, **overrides)` is built from.
+
+  The model is constructed (no parameters are created) and its own plan returned, so this is the plan
+  of that exact model: stem convs, every block (shapes, beta, expected input std and output variance,
+  stochastic-depth rate), final conv and classifier.
+  """
+  plans = []
+  hk.transform(lambda: plans.append(create_model(name, num_classes, **overrides).plan)).init(None)
+  return plans[0]
+
+
+def count_flops(name: str, resolution: int, num_classes: int = 1000, **overrides) -> int:
+  """Forward multiply-accumulates of a registered model at `resolution` (see `layers.NetPlan.macs`).
+
+  The paper's "FLOPs" are this count at the test resolution (F0 at 256 px: 12,384,198,656).
+  `overrides` are constructor arguments, as for `create_model` (e.g. width, depths).
+  """
+  return model_plan(name, num_classes, **overrides).macs(resolution)

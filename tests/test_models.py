@@ -178,6 +178,59 @@ def test_f0_betas_and_stochdepth_rates():
   assert [(s.width, s.groups) for s in specs if s.use_projection] == [(128, 1), (256, 2), (768, 6), (768, 6)]
 
 
+def _traced_macs(name, size, **kw):
+  """MACs read off the model's own conv and linear calls while tracing a forward pass (batch 1)."""
+  macs = []
+
+  def interceptor(method, args, kwargs, context):
+    out = method(*args, **kwargs)
+    m = context.module
+    if context.method_name == '__call__' and isinstance(m, layers.WSConv2D):
+      kh, kw_ = m.kernel_shape
+      cin = args[0].shape[-1] // m.feature_group_count
+      macs.append(out.shape[1] * out.shape[2] * kh * kw_ * cin * m.output_channels)
+    elif context.method_name == '__call__' and isinstance(m, hk.Linear):
+      macs.append(args[0].shape[-1] * m.output_size)
+    return out
+
+  def fwd(x):
+    with hk.intercept_methods(interceptor):
+      return nfnets.create_model(name, 1000, **kw)(x, is_training=False)
+
+  f = hk.transform(fwd)
+  x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+  params = jax.eval_shape(f.init, jax.random.PRNGKey(0), x)
+  macs.clear()
+  jax.eval_shape(f.apply, params, None, x)
+  return sum(macs)
+
+
+@pytest.mark.parametrize('name,size,kw', [
+    ('F0', 256, {}), ('F0', 192, dict(width=2.0, depths=(1, 1, 2, 1))), ('nf_resnet50', 224, {}),
+    ('nfnet_tiny', 37, dict(use_two_convs=False, final_conv_mult=None, final_conv_ch=100)),
+    ('nf_resnet26', 64, dict(width=1, use_se=True)),
+])
+def test_count_flops_is_the_model_forward(name, size, kw):
+  """count_flops reads the plan the model is built from: it equals the MACs of the model's own convs,
+  SE linears and classifier at their traced output sizes, for overrides and odd sizes too."""
+  assert nfnets.count_flops(name, size, **kw) == _traced_macs(name, size, **kw)
+
+
+def test_nf_resnet_blocks_use_the_shared_beta_recurrence():
+  """NF-ResNet-50 (depths 3, 4, 6, 3) gets the same rule as NFNets (Brock et al. 2021, Section 3):
+  block k of a stage (k >= 1) sees Var = 1 + k alpha^2, and a stage's first block sees the previous
+  block's 1 + depth alpha^2; beta = Var^-1/2. The plan also states each block's expected output variance."""
+  var_in = [1.0, 1.04, 1.08,  1.12, 1.04, 1.08, 1.12,  1.16, 1.04, 1.08, 1.12, 1.16, 1.2,  1.24, 1.04, 1.08]
+  var_out = [1.04, 1.08, 1.12,  1.04, 1.08, 1.12, 1.16,  1.04, 1.08, 1.12, 1.16, 1.2, 1.24,  1.04, 1.08, 1.12]
+  plan = nfnets.registry.model_plan('nf_resnet50')
+  np.testing.assert_allclose([b.beta for b in plan.blocks], np.power(var_in, -0.5), rtol=1e-12)
+  np.testing.assert_allclose([b.expected_out_var for b in plan.blocks], var_out, rtol=1e-12)
+  np.testing.assert_allclose([b.stochdepth_rate for b in plan.blocks], [0.1 * i / 16 for i in range(16)])
+  assert [(b.stage, b.stage_index) for b in plan.blocks if b.stage_index == 0] == [(s, 0) for s in range(4)]
+  assert [(b.in_ch, b.width, b.out_ch) for b in plan.blocks if b.use_projection] == [
+      (64, 64, 256), (256, 128, 512), (512, 256, 1024), (1024, 512, 2048)]
+
+
 def test_registry_facts():
   f3p = nfnets.get_spec('F3+')
   assert (f3p.train_size, f3p.test_size, f3p.drop_rate, f3p.ra_layers, f3p.ra_magnitude) == (
