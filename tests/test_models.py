@@ -1,4 +1,4 @@
-"""Model structure against the paper/reference numbers (spec §3), and signal propagation at init."""
+"""Model structure against the paper's and reference code's numbers, and signal propagation at init."""
 import haiku as hk
 import jax
 import jax.numpy as jnp
@@ -8,7 +8,9 @@ import pytest
 import nfnets
 from nfnets import layers
 
-# (params at 1000 classes, MACs at test resolution, MACs at train resolution) from spec §3.1.
+# (params at 1000 classes, MACs at test resolution, MACs at train resolution): the reference code's
+# counts (its module tree; `NFNet.count_flops`), which the paper's model comparison rounds (F0: 71.5M,
+# 12.38B FLOPs at 256 px).
 NFNET_NUMBERS = {
     'F0': (71_489_284, 12.38e9, 6.98e9),
     'F1': (132_634_256, 35.54e9, 17.44e9),
@@ -25,6 +27,9 @@ NFNET_NUMBERS = {
 }
 NF_RESNET_PARAMS = {'nf_resnet50': 25_557_048, 'nf_resnet101': 44_549_193, 'nf_resnet152': 60_192_858,
                     'nf_resnet200': 64_673_898}
+# torchvision's published parameter counts (resnet50/101/152 model docs) and blocks per network.
+TORCHVISION_RESNET = {'nf_resnet50': (25_557_032, 16), 'nf_resnet101': (44_549_160, 33),
+                      'nf_resnet152': (60_192_808, 50)}
 
 
 def param_shapes(name, num_classes=1000, size=64, **kw):
@@ -54,31 +59,38 @@ def test_nf_resnet_params(name):
   assert count(param_shapes(name)) == NF_RESNET_PARAMS[name]
 
 
-def _bottleneck_resnet_params(width, depths, num_classes):
-  """Hand count of a pre-activation NF-ResNet: stem 7x7, per block 1x1 -> 3x3 -> 1x1 (width out/4) plus a
-  1x1 projection when the shape changes, every conv with a gain and bias per output, a skip gain, and fc."""
-  conv = lambda k, cin, cout: k * k * cin * cout + 2 * cout
-  ch = int(16 * width)
-  total = conv(7, 3, ch)
-  for i, (stage, depth) in enumerate(zip((64, 128, 256, 512), depths)):
-    out = int(stage * width)
-    for b in range(depth):
-      mid = out // 4
-      total += conv(1, ch, mid) + conv(3, mid, mid) + conv(1, mid, out) + 1
-      if b == 0:  # stride 2 (stages 2-4) or a channel change: a projection shortcut
-        total += conv(1, ch, out)
-      ch = out
-  return total + ch * num_classes + num_classes
+@pytest.mark.parametrize('name', sorted(TORCHVISION_RESNET))
+def test_nf_resnet_is_torchvision_resnet_without_batchnorm(name):
+  """An NF-ResNet has ResNet-50/101/152's convs (Brock et al. 2021a); each WS conv's gain and bias replace
+  BatchNorm's scale and offset one for one, and each block adds a scalar skip gain. So its count is
+  torchvision's plus one per block, and its MACs are ResNet-50's (torchvision: 4.09 GFLOPS at 224)."""
+  tv_params, num_blocks = TORCHVISION_RESNET[name]
+  assert count(param_shapes(name)) == tv_params + num_blocks
+  if name == 'nf_resnet50':
+    assert round(nfnets.count_flops(name, 224) / 1e7) == 409
 
 
-@pytest.mark.parametrize('width,depths', [(4, None), (1.0, (1, 1, 1, 1)), (0.5, (2, 1, 3, 1))])
-def test_nf_resnet_shape_overrides(width, depths):
-  """`width` and `depths` (the study's small NF-ResNets) give the hand-counted parameter number."""
-  expected = _bottleneck_resnet_params(width, depths or (3, 4, 6, 3), 10)
-  kw = dict(width=width) if depths is None else dict(width=width, depths=depths)
-  assert count(param_shapes('nf_resnet50', 10, **kw)) == expected
-  if depths is None:  # the hand count agrees with the spec's NF-ResNet-50 at 1000 classes too
-    assert _bottleneck_resnet_params(4, (3, 4, 6, 3), 1000) == NF_RESNET_PARAMS['nf_resnet50']
+def test_nf_resnet_width_and_depth_overrides():
+  """width 1, one block per stage, 10 classes: every shape by the reference's rules (stem 16 * width,
+  stages 64/128/256/512 * width, bottleneck out / 4, a shortcut conv in each stage's first block)."""
+  p = param_shapes('nf_resnet50', 10, width=1, depths=(1, 1, 1, 1))
+  shapes = {m: v['w'].shape for m, v in p.items() if 'w' in v}
+  block = lambda cin, mid, out: {'conv0': (1, 1, cin, mid), 'conv1': (3, 3, mid, mid),
+                                 'conv2': (1, 1, mid, out), 'conv_shortcut': (1, 1, cin, out)}
+  expect = {'NF_ResNet/~/initial_conv': (7, 7, 3, 16), 'NF_ResNet/~/linear': (512, 10)}
+  for name, dims in (('', (16, 16, 64)), ('_1', (64, 32, 128)), ('_2', (128, 64, 256)),
+                     ('_3', (256, 128, 512))):
+    expect.update({f'NF_ResNet/~/nf_res_block{name}/~/{k}': v for k, v in block(*dims).items()})
+  assert shapes == expect
+  # 2384 (stem) + 4929 + 24193 + 95489 + 379393 (blocks: weights, gain + bias per output, skip gain)
+  # + 5130 (linear), summed by hand.
+  assert count(p) == 511_518
+  # depths (2, 1, 3, 1), width 0.5: 7 blocks, shortcut convs only where a stage starts.
+  p = param_shapes('nf_resnet50', 10, width=0.5, depths=(2, 1, 3, 1))
+  assert p['NF_ResNet/~/initial_conv']['w'].shape == (7, 7, 3, 8)
+  assert sorted(m.split('/')[2] for m in p if m.endswith('conv_shortcut')) == [
+      'nf_res_block', 'nf_res_block_2', 'nf_res_block_3', 'nf_res_block_6']
+  assert sum(m.endswith('conv2') for m in p) == 7
 
 
 @pytest.mark.parametrize('bad,match', [(dict(width=0.0), 'width must be'), (dict(width='2'), 'width must be'),
@@ -102,7 +114,7 @@ def test_skip_gain_init(name, num_blocks):
 def test_f0_param_tree_matches_released_checkpoint_layout():
   p = param_shapes('F0')
   # 7 modules per block (block, conv0, conv1, conv1b, conv2, 2 SE linears) + 4 shortcuts + 4 stem +
-  # final_conv + linear = 7*12 + 10 (spec §1.10: F0 has 94 module entries).
+  # final_conv + linear = 7*12 + 10 = 94 module entries, as in the reference's F0 tree.
   assert len(p) == 94
   expect = {
       'NFNet/~/stem_conv0': {'w': (3, 3, 3, 16), 'gain': (16,), 'bias': (16,)},
@@ -169,13 +181,25 @@ def test_bad_final_conv_arguments(kw, match):
     param_shapes('nfnet_tiny', 10, size=32, **kw)
 
 
+def _built_blocks(name, **kw):
+  """The residual-block modules a registry model is built with (constructed, no parameters)."""
+  box = []
+  hk.transform(lambda: box.append(nfnets.create_model(name, 1000, **kw).blocks)).init(None)
+  return box[0]
+
+
 def test_f0_betas_and_stochdepth_rates():
-  specs = nfnets.block_plan((1, 2, 6, 3), (256, 512, 1536, 1536), 128)
+  """Read off the F0 model's own blocks. beta = Var^-1/2 with Var = 1 + k alpha^2 after k blocks of a
+  stage, reset at each stage's first block (Brock et al. 2021, Section 3); block i of 12 drops its
+  branch with rate 0.25 * i / 12 (the reference's stochdepth_rate * index / num_blocks)."""
+  blocks = _built_blocks('F0')
   betas = [1.0, 0.980581, 0.980581, 0.962250, 0.980581, 0.962250, 0.944911, 0.928477, 0.912871,
            0.898027, 0.980581, 0.962250]
-  np.testing.assert_allclose([s.beta for s in specs], betas, atol=1e-6)
-  np.testing.assert_allclose([s.stochdepth_rate for s in specs], [0.25 * i / 12 for i in range(12)])
-  assert [(s.width, s.groups) for s in specs if s.use_projection] == [(128, 1), (256, 2), (768, 6), (768, 6)]
+  np.testing.assert_allclose([b.spec.beta for b in blocks], betas, atol=1e-6)
+  np.testing.assert_allclose([b.stoch_depth.drop_rate for b in blocks], [0.25 * i / 12 for i in range(12)])
+  # Grouped convs of the transition blocks: width (out * 0.5) in groups of 128 channels.
+  grouped = [(b.conv1.output_channels, b.conv1.feature_group_count) for b in blocks if b.spec.use_projection]
+  assert grouped == [(128, 1), (256, 2), (768, 6), (768, 6)]
 
 
 def _traced_macs(name, size, **kw):
