@@ -15,10 +15,9 @@ NFNet transition block, whose shortcut average-pools 2x2, passes less variance t
 'digits' is real (spatially correlated) images from the built-in digits data, resized and standardised
 to zero mean and unit variance per channel over the batch.
 """
-import inspect
 import os
 import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence
 
 from absl import app
 from absl import flags
@@ -28,41 +27,26 @@ import jax.numpy as jnp
 import numpy as np
 
 import nfnets
-from nfnets import nf_resnet
-from nfnets import nfnet
+from nfnets import registry
 
 METRICS = ('avg_sq_mean', 'avg_var', 'res_avg_var')
 INPUTS = ('gaussian', 'digits')
 
 
-def block_layout(name: str, **overrides) -> Tuple[List[int], float]:
-  """(stage depths, alpha) of a registry model with constructor overrides, without building it."""
-  spec = nfnets.get_spec(name)
-  kwargs = dict(spec.kwargs, **overrides)
-  defaults = {k: p.default for k, p in inspect.signature(spec.constructor.__init__).parameters.items()}
-  alpha = kwargs.get('alpha', defaults['alpha'])
-  variant = kwargs.get('variant', defaults['variant'])
-  if kwargs.get('depths'):
-    depths = kwargs['depths']
-  elif spec.constructor is nfnets.NFNet:
-    depths = nfnet.get_variant(variant).depths
-  else:
-    depths = nf_resnet.DEPTHS[variant]
-  return list(depths), float(alpha)
+def block_plan(name: str, **overrides):
+  """Every block's plan (stage, beta, expected output variance, ...) of a registry model with constructor
+  overrides: the plan the model itself is built from (`nfnets.registry.model_plan`)."""
+  return registry.model_plan(name, **overrides).blocks
 
 
-def transitions(depths: Sequence[int]) -> np.ndarray:
+def transitions(blocks) -> np.ndarray:
   """True for each block that starts a stage (stride or width change: its shortcut is a conv)."""
-  return np.array([j == 0 for d in depths for j in range(d)])
+  return np.array([b.stage_index == 0 for b in blocks])
 
 
-def expected_variance(depths: Sequence[int], alpha: float) -> np.ndarray:
+def expected_variance(blocks) -> np.ndarray:
   """The beta/alpha rule for each block's output variance (unit-variance residual branches, gains 1)."""
-  out, var = [], 1.0
-  for start in transitions(depths):
-    var = (1.0 if start else var) + alpha ** 2
-    out.append(var)
-  return np.array(out)
+  return np.array([b.expected_out_var for b in blocks])
 
 
 def gaussian_images(batch: int, resolution: int, seed: int = 0) -> jax.Array:
@@ -120,14 +104,15 @@ def measure(name: str, images: jax.Array, skip_gains: Sequence[Optional[float]] 
   return out
 
 
-def plot(path: str, results: Dict[str, Dict[str, np.ndarray]], depths: Sequence[int], alpha: float,
-         title: str = '') -> None:
-  """Three panels (squared mean, variance, residual variance) vs block, one line per state."""
+def plot(path: str, results: Dict[str, Dict[str, np.ndarray]], blocks, title: str = '') -> Dict[str, dict]:
+  """Three panels (squared mean, variance, residual variance) vs block, one line per state, the rule on
+  the variance panel. Returns what each panel drew: {metric: {line label: y values}}."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  starts = np.flatnonzero(transitions(depths))
+  starts = np.flatnonzero(transitions(blocks))
+  drawn = {}
   fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), dpi=80)
   names = {'avg_sq_mean': 'average channel squared mean', 'avg_var': 'average channel variance',
            'res_avg_var': 'residual-branch variance'}
@@ -135,7 +120,8 @@ def plot(path: str, results: Dict[str, Dict[str, np.ndarray]], depths: Sequence[
     for label, m in results.items():
       ax.plot(np.arange(len(m[k])), m[k], marker='o', markersize=3, label=label)
     if k == 'avg_var':
-      ax.plot(expected_variance(depths, alpha), 'k--', lw=1, label='β/α rule (gains 1)')
+      ax.plot(expected_variance(blocks), 'k--', lw=1, label='β/α rule (gains 1)')
+    drawn[k] = {line.get_label(): np.asarray(line.get_ydata()) for line in ax.get_lines()}
     for s in starts[1:]:
       ax.axvline(s - 0.5, color='gray', lw=0.6, ls=':')
     ax.set_title(names[k], fontsize=10)
@@ -151,6 +137,7 @@ def plot(path: str, results: Dict[str, Dict[str, np.ndarray]], depths: Sequence[
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)
+  return drawn
 
 
 def spp(name: str, out: str, input_kind: str = 'gaussian', batch: int = 8,
@@ -159,9 +146,9 @@ def spp(name: str, out: str, input_kind: str = 'gaussian', batch: int = 8,
   resolution = resolution or nfnets.get_spec(name).train_size
   images = make_images(input_kind, batch, resolution, seed)
   results = measure(name, images, seed=seed, **overrides)
-  depths, alpha = block_layout(name, **overrides)
-  plot(out, results, depths, alpha,
-       title=f'{name} at init, {input_kind} input, batch {batch} at {resolution} px (α={alpha:g})')
+  blocks = block_plan(name, **overrides)
+  plot(out, results, blocks,
+       title=f'{name} at init, {input_kind} input, batch {batch} at {resolution} px (α={blocks[0].alpha:g})')
   return results
 
 

@@ -6,11 +6,9 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
 import pytest
 
 from research import agc_study
-from research import spp
 from research import sweep_grid
 from research import sweep_runs
 from research import sweep_summary
@@ -236,60 +234,3 @@ def test_agc_study_model_description_and_set_flag(tmp_path):
   out = subprocess.run(cmd, capture_output=True, text=True, cwd=sweep_grid.REPO_ROOT, timeout=300)
   assert out.returncode == 2 and "--set takes field=value, got 'model.width'" in out.stderr
   assert not os.listdir(tmp_path)
-
-
-# ------------------------------------------------------------------------------------------ SPP
-SMALL_NFNET = dict(depths=(1, 5, 1, 1), widths=(32, 64, 128, 128), group_width=16, stem_widths=(8, 16, 16))
-
-
-@pytest.fixture(scope='module')
-def nfnet_spp():
-  x = spp.gaussian_images(8, 64)
-  return spp.measure('nfnet_tiny', x, skip_gains=(None, 1.0), num_classes=10, **SMALL_NFNET)
-
-
-def test_spp_default_init_blocks_are_identities(nfnet_spp):
-  """Skip gains start at 0: every non-transition block passes its input through unchanged."""
-  m = nfnet_spp['default init (skip gain 0)']
-  plain = ~spp.transitions(SMALL_NFNET['depths'])
-  var = m['avg_var']
-  np.testing.assert_allclose(var[1:][plain[1:]], var[:-1][plain[1:]], rtol=1e-5)
-  # Block 0 (stride 1, beta 1) keeps unit variance on both paths.
-  np.testing.assert_allclose([var[0], m['res_avg_var'][0]], 1.0, rtol=0.2)
-
-
-def test_spp_follows_beta_alpha_rule_and_stays_bounded(nfnet_spp):
-  """With skip gains 1: each plain block adds alpha^2 x its residual variance, so within a stage the
-  variance grows linearly, like the rule 1 + k alpha^2, not exponentially; the squared mean stays small."""
-  depths, alpha = spp.block_layout('nfnet_tiny', **SMALL_NFNET)
-  assert depths == [1, 5, 1, 1] and alpha == 0.2
-  m = nfnet_spp['skip gain 1']
-  var, res = m['avg_var'], m['res_avg_var']
-  # Stage 2 = blocks 1..5; blocks 2..5 are plain.
-  np.testing.assert_allclose(np.diff(var[1:6]), alpha ** 2 * res[2:6], rtol=0.3)
-  rule = spp.expected_variance(depths, alpha)
-  np.testing.assert_allclose(rule, [1.04, 1.04, 1.08, 1.12, 1.16, 1.2, 1.04, 1.04])
-  # Relative to the stage's transition block, the variance follows the rule's growth (within 15%)...
-  np.testing.assert_allclose(var[1:6] / var[1], rule[1:6] / rule[1], rtol=0.15)
-  # ... and stays bounded: no block exceeds its stage start by more than the rule's 1 + 4 alpha^2 (+15%).
-  assert (var[1:6] / var[1]).max() < (1 + 4 * alpha ** 2) * 1.15
-  assert var.max() < 1.2 and m['avg_sq_mean'].max() < 0.05
-
-
-def test_spp_nf_resnet_matches_rule_in_absolute_terms():
-  """NF-ResNet shortcuts are strided convs (no average pooling), so on Gaussian input even the absolute
-  variance follows the rule: 1 + alpha^2 after each transition, + alpha^2 per plain block."""
-  kw = dict(width=1, depths=(1, 3, 1, 1))
-  results = spp.measure('nf_resnet26', spp.gaussian_images(8, 64), skip_gains=(1.0,), num_classes=10, **kw)
-  var = results['skip gain 1']['avg_var']
-  np.testing.assert_allclose(var, spp.expected_variance(*spp.block_layout('nf_resnet26', **kw)), rtol=0.12)
-
-
-def test_spp_plot_and_bad_input(tmp_path, nfnet_spp):
-  out = str(tmp_path / 'spp.png')
-  spp.plot(out, nfnet_spp, SMALL_NFNET['depths'], 0.2, title='test')
-  assert 10_000 < os.path.getsize(out) < 300_000
-  with pytest.raises(ValueError, match='Unknown SPP input'):
-    spp.make_images('noise', 2, 8)
-  with pytest.raises(ValueError, match='Unknown model'):
-    spp.measure('F9', spp.gaussian_images(1, 8))
