@@ -6,14 +6,14 @@ from the model registry (`nfnets.registry`) or the dataset at run time, so no nu
 import ml_collections
 from ml_collections import config_dict
 
-IMAGENET_TRAIN_EXAMPLES = 1_281_167
-
 
 def get_config(model_name: str = 'F0') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.batch_size = 4096                 # global batch, split over processes x devices x grad_accum_steps
-  # 360 epochs at batch 4096 = 1281167 * 360 // 4096 (the reference's step count).
-  c.training_steps = IMAGENET_TRAIN_EXAMPLES * 360 // 4096
+  c.epochs = 360                      # run length in passes over the train split (the paper's ImageNet runs)
+  # None: num_train_examples * epochs // batch_size, the reference code's rule (1281167 * 360 // 4096 =
+  # 112,602 steps), so a new batch_size keeps 360 epochs. Set, it decides and epochs is ignored.
+  c.training_steps = config_dict.placeholder(int)
   c.grad_accum_steps = 1              # micro-batches per optimizer step; the result equals one big batch
   c.dtype = 'bfloat16'                # forward/backward dtype; params, optimizer state and EMA stay f32
   c.seed = 0

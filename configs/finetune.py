@@ -37,6 +37,7 @@ the checkpoint that `make demo` writes to runs/demo (see that function's docstri
 import ml_collections
 
 from configs import base
+from nfnets.data.info import IMAGENET_TRAIN_EXAMPLES
 
 
 def _set_warmup(c: ml_collections.ConfigDict) -> None:
@@ -64,7 +65,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.optimizer.weight_decay = 1e-5
   c.transfer = ml_collections.ConfigDict()
   c.transfer.warmup_steps = 5000      # linear warmup length in steps, then cosine to min_lr
-  c.transfer.num_train_examples = base.IMAGENET_TRAIN_EXAMPLES  # of dataset.train_split; sets warmup_epochs
+  c.transfer.num_train_examples = IMAGENET_TRAIN_EXAMPLES  # of dataset.train_split; sets warmup_epochs
   _set_warmup(c)
 
   a = c.dataset.augment

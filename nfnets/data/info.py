@@ -7,7 +7,8 @@ inference-only programs do not pay for it.
 import dataclasses
 
 FAKE_NUM_CLASSES = 1000
-FAKE_NUM_TRAIN = 1_281_167   # ImageNet's, so epoch arithmetic matches the real run
+IMAGENET_TRAIN_EXAMPLES = 1_281_167   # ImageNet-2012 'train' (TFDS imagenet2012)
+FAKE_NUM_TRAIN = IMAGENET_TRAIN_EXAMPLES   # so epoch arithmetic matches the real run
 FAKE_NUM_EVAL = 1000
 
 

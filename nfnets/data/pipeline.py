@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 
+from nfnets.config_validation import check_batch_layout
 from nfnets.data import mix, preprocess, randaugment, sources
 from nfnets.data.info import FAKE_NUM_CLASSES, FAKE_NUM_EVAL
 
@@ -21,13 +22,6 @@ def _process(index: Optional[int], count: Optional[int]) -> Tuple[int, int]:
   if not 0 <= index < count:
     raise ValueError(f'process_index={index} must be in [0, process_count={count})')
   return index, count
-
-
-def _per_device_batch(global_batch_size: int, process_count: int, num_local_devices: int) -> int:
-  if num_local_devices < 1 or global_batch_size % (process_count * num_local_devices):
-    raise ValueError(f'global batch size {global_batch_size} must divide evenly over {process_count} processes '
-                     f'x {num_local_devices} local devices')
-  return global_batch_size // (process_count * num_local_devices)
 
 
 def _key(seed: int, process_index: int, stage: int, counter: tf.Tensor) -> tf.Tensor:
@@ -72,7 +66,7 @@ def train_iterator(ds_config, *, global_batch_size: int, image_size: int, num_cl
                    process_count: Optional[int] = None) -> Iterator[dict]:
   """Infinite per-process train batches: images, soft `labels` (rows sum to 1), int `hard_labels`."""
   index, count = _process(process_index, process_count)
-  bs = _per_device_batch(global_batch_size, count, num_local_devices)
+  bs = check_batch_layout(global_batch_size, 1, count, num_local_devices)
   aug = ds_config.augment
   if ds_config.name == 'fake':
     return BatchIterator(_fake_train(bs, num_local_devices, image_size, num_classes, seed + index))
@@ -130,7 +124,7 @@ def eval_iterator(ds_config, *, global_batch_size: int, image_size: int, num_loc
                   process_index: Optional[int] = None, process_count: Optional[int] = None) -> Iterator[dict]:
   """One pass over the eval split; the same number of batches on every process; `mask` 0 marks padding."""
   index, count = _process(process_index, process_count)
-  bs = _per_device_batch(global_batch_size, count, num_local_devices)
+  bs = check_batch_layout(global_batch_size, 1, count, num_local_devices, field='eval_batch_size')
   per_process = bs * num_local_devices
   if ds_config.name == 'fake':
     return _fake_eval(bs, num_local_devices, image_size, index, count)
