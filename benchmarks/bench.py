@@ -4,7 +4,8 @@
   python -m benchmarks.bench --config=configs/f0.py --variant=auto,xla      # lowerings side by side, one process
   python -m benchmarks.bench --config=configs/f0.py --mode=eval --json=/tmp/eval.json
 
-The step timed is the experiment's train step (state donated) on one device, compiled by
+The step timed is the experiment's train step (its two programs, gradients then optimizer, with the state
+donated) on one device, compiled by
 `Experiment.compile_train_step` and fed batches placed with `Experiment.put`, so it compiles and runs
 exactly as in training (config.cpu_memory_scheduler included; override it with --cpu_memory_scheduler).
 Several comma-separated --variant values (conv lowerings, see nfnets/conv.py) are compiled in the same
@@ -57,14 +58,17 @@ class DoesNotFitError(RuntimeError):
 
 
 def xla_memory_bytes(compiled) -> int:
-  """XLA's estimate of a compiled program's memory: arguments + outputs + temporaries - aliased."""
-  m = compiled.memory_analysis()
-  if isinstance(m, (list, tuple)):
-    m = m[0]
-  if m is None:
-    return 0
-  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-             + m.generated_code_size_in_bytes - m.alias_size_in_bytes)
+  """XLA's estimate of a compiled step's memory: arguments + outputs + temporaries - aliased, of its
+  largest program (the train step runs two, one after the other: gradients, then the optimizer)."""
+  def one(program):
+    m = program.memory_analysis()
+    if isinstance(m, (list, tuple)):
+      m = m[0]
+    if m is None:
+      return 0
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+               + m.generated_code_size_in_bytes - m.alias_size_in_bytes)
+  return max(one(p) for p in getattr(compiled, 'programs', (compiled,)))
 
 
 def check_fits(needed: int, label: str, available: int = None):
@@ -205,6 +209,8 @@ def run(config, variants, mode='train', batch_size=8, resolution=None, dtype='fl
         'steps': steps,
         'compile_time_s': r.compile_time_s, 'step_time_s': step_time,
         'step_times_s': r.times, 'images_per_sec': ips,
+        # The eval step runs the raw and the EMA params: two forward passes per image.
+        'forward_images_per_sec': ips * (1 if mode == 'train' else 2),
         # Process CPU seconds per step (all threads): less sensitive to other users' load than wall time.
         'step_cpu_time_s': statistics.median(r.cpu_times[-steps:]),
         'flops_per_image': flops_per_image, 'flops_per_sec': ips * flops_per_image,
@@ -227,7 +233,8 @@ def main(argv):
   for r in results:
     print(f"{r['model']} {r['mode']} [{r['variant']}] batch {r['batch_size']} @ {r['resolution']} px "
           f"{r['dtype']}: compile {r['compile_time_s']:.1f} s, step {r['step_time_s']:.3f} s (median of "
-          f"{r['steps']}; CPU {r['step_cpu_time_s']:.2f} s), {r['images_per_sec']:.2f} img/s, {r['flops_per_sec'] / 1e9:.1f} GFLOP/s, "
+          f"{r['steps']}; CPU {r['step_cpu_time_s']:.2f} s), {r['images_per_sec']:.2f} img/s "
+          f"({r['forward_images_per_sec']:.2f} forward passes/s), {r['flops_per_sec'] / 1e9:.1f} GFLOP/s, "
           f"MFU {r['mfu']:.1%} of {r['peak_flops_per_sec'] / 1e9:.0f} GFLOP/s matmul, peak RSS "
           f"{r['peak_memory_bytes'] / 2**30:.2f} GiB, XLA estimate {r['xla_memory_bytes'] / 2**30:.2f} GiB")
   if len(results) > 1:
