@@ -120,6 +120,12 @@ class Predictor:
     net = hk.without_apply_rng(hk.transform(
         lambda x: registry.create_model(name, n, conv_impl=conv_impl)(x, is_training=False)))
     self._probs = jax.jit(lambda p, x: jax.nn.softmax(net.apply(p, x).astype('float32'), axis=-1))
+    self._logits = jax.jit(lambda p, x: net.apply(p, x).astype('float32'))
+
+  def logits(self, images):
+    """float32 logits [N, num_classes] for normalised images [N, S, S, 3]."""
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    return np.asarray(self._logits(self.params, images))
 
   def probabilities(self, images):
     """Class probabilities [N, num_classes] for normalised images [N, S, S, 3]."""
