@@ -1,4 +1,4 @@
-"""The shared NFNet recipe (spec §1.1): every field is documented once, here.
+"""The shared NFNet recipe (paper App. A.1; the reference code's experiment_nfnets.py): every field is documented once, here.
 
 Variant files call `get_config(model_name)` and change only what differs. Fields left as None are filled
 from the model registry (`nfnets.registry`) or the dataset at run time, so no number lives in two places.
@@ -45,17 +45,27 @@ def get_config(model_name: str = 'F0') -> ml_collections.ConfigDict:
   c.model.conv_impl = 'auto'          # grouped-conv lowering: 'auto' (per backend), 'xla', 'split'
 
   c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = 'sgd'            # 'sgd' (the paper: Nesterov, coupled L2), 'adamw' or 'lamb'
   c.optimizer.base_lr = 0.1           # LR per 256 images
   c.optimizer.scale_by_batch = True   # peak LR = base_lr * batch_size / 256 (1.6 at 4096)
   c.optimizer.momentum = 0.9
   c.optimizer.nesterov = True
-  c.optimizer.weight_decay = 2e-5     # coupled L2, not on gains/biases/skip_gain
+  c.optimizer.weight_decay = 2e-5     # not on gains/biases/skip_gain; coupled L2 for sgd, decoupled
+                                      # (optax's own) for adamw/lamb, which usually want ~1e-2..5e-2
+  c.optimizer.b1 = 0.9                # adamw/lamb moment decays and epsilon
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8
   c.optimizer.warmup_epochs = 5.0     # linear warmup from 0, then cosine decay
   c.optimizer.min_lr = 0.0            # the cosine's final value
   c.optimizer.agc = ml_collections.ConfigDict()
   c.optimizer.agc.enabled = True      # AGC on every param except the classifier weight
   c.optimizer.agc.clipping = 0.01     # lambda
   c.optimizer.agc.eps = 1e-3
+  # Sharpness-Aware Minimisation as the paper runs it (App. A.4): the ascent step on a fraction of each
+  # device's batch, not averaged across devices. 0 disables it (the default recipe; F6 and fine-tuning
+  # use 0.05).
+  c.optimizer.sam_rho = 0.0
+  c.optimizer.sam_batch_fraction = 0.2
 
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = 'imagenet2012'     # 'imagenet2012', any TFDS image dataset, 'folder', 'digits', 'fake'

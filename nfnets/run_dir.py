@@ -34,7 +34,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from nfnets.train_state import TrainState, unreplicate
+from nfnets.devices import first_local
+from nfnets.train_state import TrainState
 
 STATE_FIELDS = TrainState._fields
 ITEMS = ('state', 'meta')
@@ -123,7 +124,7 @@ class RunDir:
 
   def save(self, step: int, state) -> None:
     """Saves a replicated (device) state; raises if orbax declines the step (a newer one exists)."""
-    host = unreplicate(state)
+    host = first_local(state)
     tree = {k: getattr(host, k) for k in STATE_FIELDS}
     saved = self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(self._meta(step, host.params))))

@@ -6,7 +6,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from configs import base
-from nfnets import data, registry
+from nfnets import data, devices, registry
 from nfnets.data import mix, preprocess, sources
 
 
@@ -139,7 +139,7 @@ def test_fake_data():
 def test_bad_inputs_raise_clear_errors():
   with pytest.raises(ValueError, match="'nope'.*accepted.*digits"):
     data.dataset_info(ds_config('nope'))
-  with pytest.raises(ValueError, match='10 must divide evenly over 1 processes x 4'):
+  with pytest.raises(ValueError, match=r'batch_size=10 must be divisible by processes \(1\) x local devices \(4\)'):
     train_batch(ds_config(), batch=10, devices=4)
   with pytest.raises(ValueError, match='10 classes but the model has 5'):
     train_batch(ds_config(), classes=5)
@@ -174,19 +174,19 @@ def test_imagenet_missing_gives_instructions(tmp_path):
     data.dataset_info(config)
 
 
-def test_prefetch_to_device_feeds_pmap_without_a_copy():
+def test_prefetch_to_device_feeds_the_step_without_a_copy():
   n = jax.local_device_count()
   batches = [{'x': np.full((n, 2, 3), i, np.float32)} for i in range(4)]
   on_device = list(data.prefetch_to_device(iter(batches), 2))
   assert [float(b['x'][0, 0, 0]) for b in on_device] == [0., 1., 2., 3.]
   x = on_device[1]['x']
   assert [s.device for s in x.addressable_shards] == jax.local_devices()
-  # pmap (jit over shard_map in JAX 0.10) copies an input only when its sharding is not equivalent to this
-  # one; a committed array with another sharding is even rejected, so equivalence means no copy.
-  mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ('any_name',))
-  expected = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('any_name'))
-  assert x.sharding.is_equivalent_to(expected, x.ndim)
-  np.testing.assert_array_equal(jax.pmap(lambda v: v + 1, donate_argnums=0)(x), np.full((n, 2, 3), 2.))
+  # A device-mapped step copies an input only when its sharding is not equivalent to its own; a committed
+  # array with another sharding is even rejected, so equivalence means no copy.
+  mesh = devices.make_mesh()
+  assert x.sharding.is_equivalent_to(devices.device_sharding(mesh), x.ndim)
+  step = devices.map_per_device(lambda v: v + 1, mesh, 1, donate_argnums=(0,))
+  np.testing.assert_array_equal(step(x), np.full((n, 2, 3), 2.))
   with pytest.raises(ValueError, match='leading axis'):
     next(data.prefetch_to_device(iter([{'x': np.zeros((n + 1, 2))}])))
 

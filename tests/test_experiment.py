@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 import experiment
+from nfnets import trainer as trainer_lib
 from configs import demo
-from nfnets.train_state import unreplicate
+from nfnets.devices import first_local
 
 
 def tiny_config(**kw):
@@ -47,7 +48,7 @@ def run_steps(xp, steps=2, seed=0):
   n = xp.local_devices
   for i in range(steps):
     state, metrics = xp.train_step(state, xp.put(fake_batch(n, xp.per_device_batch, seed=seed + i)))
-  return unreplicate(state), unreplicate(metrics)
+  return first_local(state), first_local(metrics)
 
 
 def assert_trees_close(a, b, rtol=2e-5, atol=2e-6):
@@ -65,7 +66,7 @@ def test_one_device_equals_four_devices():
   assert_trees_close(s1.ema_params, s4.ema_params)
   np.testing.assert_allclose(m1['loss'], m4['loss'], rtol=1e-5)
   # The update actually moved the params (LR > 0 after the first step).
-  init = unreplicate(experiment.Experiment(cfg).init_state())
+  init = first_local(experiment.Experiment(cfg).init_state())
   moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(s4.params),
                                                           jax.tree.leaves(init.params)))
   assert moved > 1e-4
@@ -79,7 +80,7 @@ def test_device_built_state_equals_host_built_state():
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(cfg.seed))
   on_device = xp.init_state()
   from_host = xp.state_from_params(xp.init_params(init_rng), train_rng)
-  a, b = unreplicate(on_device), unreplicate(from_host)
+  a, b = first_local(on_device), first_local(from_host)
   assert jax.tree.structure(a) == jax.tree.structure(b)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -90,7 +91,7 @@ def test_device_built_state_equals_host_built_state():
   batch = xp.put(fake_batch(2, xp.per_device_batch))
   s1, _ = xp.train_step(on_device, batch)
   s2, _ = xp.train_step(from_host, batch)
-  assert_trees_close(unreplicate(s1).params, unreplicate(s2).params, rtol=0, atol=0)
+  assert_trees_close(first_local(s1).params, first_local(s2).params, rtol=0, atol=0)
 
 
 def test_accumulation_equals_big_batch():
@@ -107,7 +108,7 @@ def test_accumulation_equals_big_batch():
 
 def test_metrics_and_ema():
   xp = experiment.Experiment(tiny_config(ema_decay=0.5), devices=jax.local_devices()[:1])
-  state0 = unreplicate(xp.init_state())
+  state0 = first_local(xp.init_state())
   s, m = run_steps(xp, steps=1)
   assert set(m) == {'loss', 'top1', 'lr', 'grad_norm', 'clip_fraction'}
   assert 0 <= m['clip_fraction'] <= 1 and m['grad_norm'] > 0 and m['lr'] == 0.0  # LR is 0 at step 0
@@ -118,9 +119,10 @@ def test_metrics_and_ema():
   assert int(s.step) == 1
 
 
-@pytest.mark.parametrize('batch,accum', [(10, 1), (16, 3), (0, 1)])
-def test_bad_batch_layout(batch, accum):
-  with pytest.raises(ValueError, match=f'batch_size={batch} must be divisible'):
+@pytest.mark.parametrize('batch,accum,message', [(10, 1, 'must be divisible'), (16, 3, 'must be divisible'),
+                                                 (0, 1, 'must be an integer >= 1')])
+def test_bad_batch_layout(batch, accum, message):
+  with pytest.raises(ValueError, match=f'batch_size={batch} {message}'):
     experiment.Experiment(tiny_config(batch_size=batch, grad_accum_steps=accum))
 
 
@@ -139,7 +141,7 @@ def test_model_shape_overrides_reach_the_model():
 
 def _train(cfg, workdir, stop_after=None):
   xp = experiment.Experiment(cfg, devices=jax.local_devices()[:2])
-  trainer = experiment.Trainer(xp, str(workdir))
+  trainer = trainer_lib.Trainer(xp, str(workdir))
   if stop_after is not None:
     step_fn, calls = xp.train_step, []
 
@@ -150,7 +152,7 @@ def _train(cfg, workdir, stop_after=None):
       return step_fn(state, batch)
 
     xp.train_step = counting_step
-  return unreplicate(trainer.train()), trainer
+  return first_local(trainer.train()), trainer
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path):
@@ -169,8 +171,8 @@ def test_incompatible_workdir_is_refused(tmp_path):
   cfg = tiny_config(training_steps=3)
   _train(cfg, tmp_path)
   other = tiny_config(training_steps=6)
-  other.model.num_classes = 7
-  with pytest.raises(ValueError, match='incompatible.*num_classes 10'):
+  other.model.width = 2.0
+  with pytest.raises(ValueError, match='incompatible.*params with other names/shapes'):
     _train(other, tmp_path)
 
 
@@ -178,50 +180,63 @@ def test_nan_stops_training_and_keeps_good_checkpoint(tmp_path):
   cfg = tiny_config(training_steps=30, checkpoint_every=1, log_every=1)
   cfg.optimizer.agc.enabled = False
   cfg.optimizer.base_lr = 1e30
-  with pytest.raises(experiment.NonFiniteLossError, match='NaN/Inf at step') as err:
+  with pytest.raises(trainer_lib.NonFiniteLossError, match='NaN/Inf at step') as err:
     _train(cfg, tmp_path)
   xp = experiment.Experiment(cfg, devices=jax.local_devices()[:2])
-  trainer = experiment.Trainer(xp, str(tmp_path))
+  trainer = trainer_lib.Trainer(xp, str(tmp_path))
   last = trainer.io.latest_step()
   assert last is not None and last < 30 and f'latest step: {last}' in str(err.value)
-  state = unreplicate(trainer.io.restore(xp))
+  state = trainer.io.restore(xp.state_template())
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
 
 
-def test_eval_counts_every_example(tmp_path):
-  cfg = tiny_config(eval_batch_size=64)  # the digits test split is not a multiple of 64
+def test_eval_counts_every_example_for_raw_and_ema():
+  """The device-mapped eval (padded, masked, summed over devices) equals a plain host loop over the split,
+  for the raw and the EMA params, which differ after a few steps."""
+  from nfnets import data  # pylint: disable=g-import-not-at-top
+  cfg = tiny_config(eval_batch_size=64, ema_decay=0.5)  # the digits test split is not a multiple of 64
   xp = experiment.Experiment(cfg, devices=jax.local_devices()[:2])
-  metrics = xp.evaluate(xp.init_state())
-  from nfnets import data
-  assert metrics['num_examples'] == data.dataset_info(cfg.dataset).num_eval_examples
-  for k in ('top1', 'top5', 'ema_top1', 'ema_top5'):
-    assert 0.0 <= metrics[k] <= 1.0
-  assert metrics['top1'] == metrics['ema_top1']  # EMA == params at init
+  state = xp.init_state()
+  for seed in range(3):
+    state, _ = xp.train_step(state, xp.put(fake_batch(2, xp.per_device_batch, seed=seed)))
+  metrics = xp.evaluate(state)
+  host = first_local(state)
+  count, correct, loss = 0.0, {'': 0.0, 'ema_': 0.0}, {'': 0.0, 'ema_': 0.0}
+  for batch in data.eval_iterator(cfg.dataset, global_batch_size=64, image_size=xp.eval_image_size,
+                                  num_local_devices=2):
+    images = batch['images'].reshape((-1,) + batch['images'].shape[2:])
+    labels, mask = batch['labels'].reshape(-1), batch['mask'].reshape(-1)
+    count += mask.sum()
+    for prefix, params in (('', host.params), ('ema_', host.ema_params)):
+      logits = np.asarray(xp.net.apply(params, None, images, False), np.float64)
+      log_p = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+          - logits.max(-1, keepdims=True)
+      correct[prefix] += np.sum((logits.argmax(-1) == labels) * mask)
+      loss[prefix] -= np.sum(log_p[np.arange(len(labels)), labels] * mask)
+  assert metrics['num_examples'] == count == data.dataset_info(cfg.dataset).num_eval_examples
+  for prefix in ('', 'ema_'):
+    assert metrics[prefix + 'top1'] == pytest.approx(correct[prefix] / count)
+    assert metrics[prefix + 'loss'] == pytest.approx(loss[prefix] / count, rel=1e-4)
+    assert 0.0 <= metrics[prefix + 'top5'] <= 1.0 and metrics[prefix + 'top5'] >= metrics[prefix + 'top1']
+  assert abs(metrics['loss'] - metrics['ema_loss']) > 1e-4  # the two param sets really differ
 
 
 @pytest.mark.parametrize('num_devices', [1, 2])
 def test_train_step_updates_the_donated_state_in_place(num_devices):
-  """XLA writes the new params, momentum and EMA into the donated buffers: the compiled step copies none
-  of them first (under pmap's per-device squeeze, or with optax's update form, it copied every one)."""
+  """The optimizer program writes the new params, optimizer state and EMA into the donated buffers (no
+  second state is allocated), and the copies it makes fit inside the gradient program's peak: the
+  optimizer's temporaries are smaller than the gradient program's, whose state is not donated."""
   xp = experiment.Experiment(tiny_config(), devices=jax.local_devices()[:num_devices])
   shapes = xp.abstract_replicated(xp.state_shapes())
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=xp.sharding),
                        fake_batch(num_devices, xp.per_device_batch))
-  compiled = xp.compile_train_step(shapes, batch)
-  hlo = compiled.as_text()
-  entry = hlo[hlo.index('\nENTRY'):]
-  params = entry.split('{', 1)[0]   # ENTRY %name (param: shape, ...) -> ...
-  n_state = len(jax.tree.leaves(shapes))
-  state_names = [p.split(':')[0].strip(' (%') for p in params.split('->')[0].split(', ')][:n_state]
-  big = [n for n, leaf in zip(state_names, jax.tree.leaves(shapes)) if leaf.size >= 64]
-  assert len(big) > 100
-  copied = [n for n in big if f'copy(%{n})' in entry]
-  assert not copied, f'{len(copied)} of {len(big)} state buffers are copied before their update'
-  m = compiled.memory_analysis()
-  # Every state buffer is aliased to its output (only the batch is an argument that is not); the
-  # analysis is per device.
-  state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
-  assert m.alias_size_in_bytes == state_bytes // num_devices
+  gradient, optimizer = xp.compile_train_step(shapes, batch).programs
+  g, o = gradient.memory_analysis(), optimizer.memory_analysis()  # per device
+  state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)) // num_devices
+  param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes.params)) // num_devices
+  assert o.alias_size_in_bytes == state_bytes
+  assert g.alias_size_in_bytes == 0 and param_bytes <= g.output_size_in_bytes < param_bytes + 1024
+  assert o.temp_size_in_bytes < g.temp_size_in_bytes
 
 
 def test_train_step_compiles_once_per_input_signature():

@@ -1,10 +1,10 @@
-"""bf16 compute with f32 master params, optimizer state and EMA (spec §1.6) stays close to f32 training."""
+"""bf16 compute with f32 master params, optimizer state and EMA (paper App. A.1) stays close to f32 training."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import experiment
-from nfnets.train_state import unreplicate
+from nfnets.devices import first_local
 from test_experiment import fake_batch, run_steps, tiny_config
 
 STEPS = 3
@@ -17,7 +17,7 @@ def _dtypes(tree):
 def test_bf16_forward_f32_state():
   xp = experiment.Experiment(tiny_config(dtype='bfloat16'), devices=jax.local_devices()[:1])
   b = fake_batch(1, xp.per_device_batch)
-  params = unreplicate(xp.init_state()).params
+  params = first_local(xp.init_state()).params
   jaxpr = str(jax.make_jaxpr(xp._loss)(params, b['images'][0], b['labels'][0], b['hard_labels'][0],
                                        jax.random.PRNGKey(0)))
   convs = [line for line in jaxpr.splitlines() if 'conv_general_dilated' in line]
@@ -39,7 +39,7 @@ def test_bf16_stays_close_to_f32():
   devices = jax.local_devices()[:1]
   xp32 = experiment.Experiment(tiny_config(dtype='float32'), devices=devices)
   xp16 = experiment.Experiment(tiny_config(dtype='bfloat16'), devices=devices)
-  init = unreplicate(xp32.init_state()).params
+  init = first_local(xp32.init_state()).params
   s32, m32 = run_steps(xp32, steps=STEPS)
   s16, m16 = run_steps(xp16, steps=STEPS)
 

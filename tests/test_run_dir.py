@@ -191,7 +191,7 @@ def test_metrics_after_the_restored_step_are_dropped(workdir, caplog):
   lines = [json.dumps({'step': s, 'kind': 'train', 'loss': 1.0 / s}) + '\n' for s in range(1, 10)]
   write_metrics(workdir, lines[:-1] + [lines[-1][:12]])  # the last one cut short by the interruption
   rd = run_dir.RunDir(workdir, config())
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger='absl'):
     assert int(rd.restore(template()).step) == 4
   assert [r['step'] for r in read_metrics(workdir)] == [1, 2, 3, 4]
   assert read_metrics(workdir)[3] == {'step': 4, 'kind': 'train', 'loss': 0.25}
@@ -208,7 +208,7 @@ def test_metrics_after_the_restored_step_are_dropped(workdir, caplog):
 def test_log_eval_line_with_and_without_top5(tmp_path, caplog):
   rd = run_dir.RunDir(str(tmp_path), config())
   base = {'num_examples': 40, 'top1': 0.5, 'loss': 1.25, 'ema_top1': 0.75, 'ema_loss': 1.5}
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger='absl'):
     rd.log_eval(3, dict(base))
     rd.log_eval(4, dict(base, top5=0.9, ema_top5=0.95))
   rd.close()

@@ -1,0 +1,105 @@
+"""The train step runs whatever optax transformation it is given, SAM as the paper runs it, and a guard
+that keeps the state of a non-finite step."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import experiment
+import nfnets
+from nfnets.devices import first_local
+from test_experiment import assert_trees_close, fake_batch, tiny_config
+
+KEY = jax.random.PRNGKey(0)  # the tiny config has no stochastic depth or dropout: the key is unused
+
+
+def loss_fn(xp):
+  return lambda p, x, y, h: xp._loss(p, x, y, h, KEY)[0]  # pylint: disable=protected-access
+
+
+def test_any_optax_chain_trains_with_no_change_to_the_step():
+  """AGC + AdamW passed to the Experiment gives, over 3 steps, what plain optax gives on the same
+  gradients."""
+  tx = optax.chain(nfnets.agc(0.01), optax.adamw(1e-3, weight_decay=1e-2))
+  xp = experiment.Experiment(tiny_config(), devices=jax.local_devices()[:1], optimizer=tx)
+  state = xp.init_state()
+  params = first_local(state.params)
+  opt_state = tx.init(params)
+  grad = jax.jit(jax.grad(loss_fn(xp)))
+  for seed in range(3):
+    batch = fake_batch(1, xp.per_device_batch, seed=seed)
+    state, _ = xp.train_step(state, xp.put(batch))
+    g = grad(params, batch['images'][0], batch['labels'][0], batch['hard_labels'][0])
+    updates, opt_state = tx.update(g, opt_state, params)
+    params = optax.apply_updates(params, updates)
+  assert_trees_close(first_local(state.params), params, rtol=1e-5, atol=1e-6)
+  assert_trees_close(first_local(state.opt_state), opt_state, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('num_devices', [1, 4])
+def test_sam_step_matches_the_papers_rule(num_devices):
+  """One SAM step (App. A.4): each device perturbs the params by rho * g / ||g||, g its own ascent
+  gradient on the first fraction of its batch; the descent gradients at the perturbed points are
+  averaged over devices and go through AGC and the optimizer. Checked through the new momentum."""
+  rho = 0.05
+  cfg = tiny_config(**{'optimizer.sam_rho': rho, 'optimizer.sam_batch_fraction': 0.25})
+  xp = experiment.Experiment(cfg, devices=jax.local_devices()[:num_devices])
+  assert xp.sam_examples == xp.per_device_batch // 4 >= 1  # 25% of each device's examples
+  state = xp.init_state()
+  p0, opt0 = first_local(state.params), first_local(state.opt_state)
+  batch = fake_batch(num_devices, xp.per_device_batch)
+  new, _ = xp.train_step(state, xp.put(batch))
+
+  grad = jax.jit(jax.grad(loss_fn(xp)))
+  k = xp.sam_examples
+  ascents, descents = [], []
+  for d in range(num_devices):
+    x, y, h = batch['images'][d], batch['labels'][d], batch['hard_labels'][d]
+    g = grad(p0, x[:k], y[:k], h[:k])
+    norm = np.sqrt(sum(np.sum(np.square(v)) for v in jax.tree.leaves(g)))
+    perturbed = jax.tree.map(lambda p, v: p + rho * v / norm, p0, g)
+    ascents.append(g)
+    descents.append(grad(perturbed, x, y, h))
+  mean_descent = jax.tree.map(lambda *v: jnp.mean(jnp.stack(v), axis=0), *descents)
+  _, expected = xp.optimizer.update(mean_descent, opt0, p0)
+  assert_trees_close(first_local(new.opt_state), expected, rtol=2e-4, atol=1e-6)
+  if num_devices > 1:  # the devices' ascent directions really differ (they are not averaged)
+    a, b = jax.tree.leaves(ascents[0])[0], jax.tree.leaves(ascents[1])[0]
+    assert np.abs(a - b).max() > 1e-3 * np.abs(a).max()
+  plain_cfg = tiny_config()
+  plain = experiment.Experiment(plain_cfg, devices=jax.local_devices()[:num_devices])
+  without_sam, _ = plain.train_step(plain.init_state(), plain.put(batch))
+  trace = lambda s: jax.tree.leaves(first_local(s.opt_state))
+  assert max(float(np.abs(a - b).max()) for a, b in zip(trace(new), trace(without_sam))) > 1e-6
+
+
+def test_non_finite_step_keeps_every_leaf_and_records_the_step():
+  xp = experiment.Experiment(tiny_config(), devices=jax.local_devices()[:2])
+  state, _ = xp.train_step(xp.init_state(), xp.put(fake_batch(2, xp.per_device_batch)))
+  before = first_local(state)
+  batch = fake_batch(2, xp.per_device_batch, seed=1)
+  batch['images'][1, 0, 0, 0, 0] = np.nan   # one pixel on one device poisons the averaged gradient
+  after, metrics = xp.train_step(state, xp.put(batch))
+  after = first_local(after)
+  assert not np.isfinite(first_local(metrics)['loss'])
+  for name in ('params', 'opt_state', 'ema_params'):
+    for a, b in zip(jax.tree.leaves(getattr(after, name)), jax.tree.leaves(getattr(before, name))):
+      np.testing.assert_array_equal(a, b)
+  assert int(after.bad_step) == 1 and int(after.step) == 2
+
+
+def test_optimizer_choice_by_config():
+  """optimizer.name picks the optimizer behind AGC: AdamW's first update is -lr * sign-like, far from
+  SGD's -lr * g (here both at a constant LR of 0.1 and without weight decay)."""
+  params = {'NFNet/~/stem_conv0': {'w': jnp.ones((3, 3, 3, 4)), 'gain': jnp.ones((4,))}}
+  grads = jax.tree.map(lambda p: 1e-6 * jnp.arange(p.size, dtype=jnp.float32).reshape(p.shape), params)
+  for name, expected in (('sgd', lambda g: -0.1 * g), ('adamw', lambda g: -0.1 * g / (jnp.abs(g) + 1e-8))):
+    cfg = tiny_config(**{'optimizer.name': name, 'optimizer.weight_decay': 0.0, 'optimizer.momentum': 0.0,
+                         'optimizer.agc.enabled': False}).optimizer
+    tx = nfnets.make_optimizer(cfg, lambda step: 0.1)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    for u, g in zip(jax.tree.leaves(updates), jax.tree.leaves(grads)):
+      np.testing.assert_allclose(u, expected(g), rtol=1e-4, atol=1e-9)
+  with pytest.raises(ValueError, match="optimizer.name='rmsprop' is not one of"):
+    nfnets.make_optimizer(tiny_config(**{'optimizer.name': 'rmsprop'}).optimizer, lambda step: 0.1)
