@@ -16,11 +16,9 @@ Console: this project's INFO lines (progress, evals, checkpoints) and everyone's
 """
 import difflib
 import importlib.util
-import logging as std_logging
 import os
 import re
 import sys
-import tempfile
 
 from absl import app
 from absl import flags
@@ -30,19 +28,19 @@ from ml_collections import config_flags
 
 import experiment
 from nfnets import config_validation
+from nfnets import console
 from nfnets import distributed
+from nfnets import trainer as trainer_lib
 
-PROJECT_ROOT = os.path.dirname(os.path.abspath(__file__))
 USER_ERROR_EXIT = 2
-# TensorFlow's import-time lines that are not INFO records themselves.
-_TF_INFO_PREFIXES = ('WARNING: All log messages before absl::InitializeLog()',
-                     'To enable the following instructions:')
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file, e.g. configs/f0.py.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs.')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
                           'train: train (resuming if possible); eval: evaluate the latest checkpoint.')
+_EVAL_SIZES = flags.DEFINE_list('eval_sizes', [], '--mode=eval: image sizes to evaluate at, e.g. 224,256,320 '
+                                '(default: the config\'s eval size).')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
                                    'HOST:PORT of process 0 (multi-process runs without SLURM or a TPU pod).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes in the job.')
@@ -117,97 +115,50 @@ def parse_flags(argv):
     user_error(' '.join(text.split()))
 
 
-class ProjectLogFilter(std_logging.Filter):
-  """Passes WARNING and above from anyone, and lower levels only from this project's own files (not from
-  installed packages such as orbax, which logs every checkpoint step at INFO through absl)."""
-
-  def __init__(self, root: str = PROJECT_ROOT):
-    super().__init__()
-    self.root = os.path.abspath(root)
-
-  def is_project_file(self, path: str) -> bool:
-    path = os.path.abspath(path)
-    if not path.startswith(self.root + os.sep):
-      return False
-    parts = os.path.relpath(path, self.root).split(os.sep)[:-1]
-    return not any(p in ('site-packages', 'dist-packages') or p.startswith('.') for p in parts)
-
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    return record.levelno >= std_logging.WARNING or self.is_project_file(record.pathname)
+def parse_size(text: str) -> int:
+  if not text.strip().isdigit() or int(text) < 1:
+    raise config_validation.ConfigError(f'--eval_sizes: {text!r} is not a positive image size in pixels')
+  return int(text)
 
 
-def configure_console() -> None:
-  """The project's INFO lines and everyone's warnings; --verbosity=1: everyone's INFO; 2: DEBUG too."""
-  verbosity = flags.FLAGS.verbosity if flags.FLAGS['verbosity'].present else 0
-  if verbosity < 0:
-    return                               # absl: WARNING (-1) and up only
-  if verbosity <= 1:
-    logging.set_verbosity(logging.INFO)
-  if verbosity == 0:
-    logging.get_absl_handler().addFilter(ProjectLogFilter())
-    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')   # TensorFlow's C++ INFO lines
-    import_tensorflow_quietly()
-
-
-def import_tensorflow_quietly() -> None:
-  """Imports TensorFlow (the input pipeline and TensorBoard need it) without its import-time C++ INFO lines.
-
-  Loading its libraries logs a oneDNN notice twice, each after a line saying absl's C++ logging is not
-  initialised; TF_CPP_MIN_LOG_LEVEL does not reach them. stderr is captured during the import and every
-  other line (warnings, errors) is written back.
-  """
-  if 'tensorflow' in sys.modules:
-    return
-  sys.stderr.flush()
-  saved = os.dup(2)
-  with tempfile.TemporaryFile(mode='w+b') as captured:
-    os.dup2(captured.fileno(), 2)
-    try:
-      import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
-    finally:
-      os.dup2(saved, 2)
-      os.close(saved)
-      captured.seek(0)
-      for line in captured.read().decode(errors='replace').splitlines(keepends=True):
-        if not (re.match(r'I\d{4} ', line) or line.startswith(_TF_INFO_PREFIXES)):
-          sys.stderr.write(line)
-      sys.stderr.flush()
+def eval_table(results) -> str:
+  """One row per eval size: top-1/top-5 of the raw and the EMA params, as a markdown table."""
+  keys = [k for k in ('top1', 'top5', 'ema_top1', 'ema_top5') if k in results[0]]
+  lines = ['| size | examples | ' + ' | '.join(keys) + ' |', '|---' * (len(keys) + 2) + '|']
+  for r in results:
+    lines.append(f"| {r['image_size']} | {r['num_examples']} | "
+                 + ' | '.join(f'{100 * r[k]:.2f}%' for k in keys) + ' |')
+  return '\n'.join(lines)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  configure_console()
+  console.configure(flags.FLAGS.verbosity if flags.FLAGS['verbosity'].present else 0)
   # Before anything touches a device.
   cluster = distributed.detect(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   distributed.initialize(cluster, _INIT_TIMEOUT.value, _HEARTBEAT_TIMEOUT.value)
   config = _CONFIG.value
   try:
-    info = config_validation.validate(config, process_count=jax.process_count(),
-                                      local_devices=jax.local_device_count())
-    if config.training_steps is None:
-      if info is None:
-        from nfnets import data  # pylint: disable=g-import-not-at-top
-        info = data.dataset_info(config.dataset)
-      config.training_steps = config_validation.resolve_training_steps(config, info.num_train_examples)
-      logging.info('training_steps=%d: %s epochs of %d examples at batch_size %d', config.training_steps,
-                   config.epochs, info.num_train_examples, config.batch_size)
+    config_validation.validate(config, process_count=jax.process_count(),
+                               local_devices=jax.local_device_count())
+    eval_sizes = [parse_size(s) for s in _EVAL_SIZES.value]
     with distributed.exit_hard_on_error():
-      run(config)
+      run(config, eval_sizes)
   except config_validation.ConfigError as e:
     user_error(e.problems)
 
 
-def run(config):
+def run(config, eval_sizes=()):
   logging.info('JAX %s: process %d of %d, %d local device(s) of %d (%s)', jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.default_backend())
   xp = experiment.Experiment(config)
-  trainer = experiment.Trainer(xp, _WORKDIR.value)
+  trainer = trainer_lib.Trainer(xp, _WORKDIR.value)
   if _MODE.value == 'eval':
-    metrics = trainer.evaluate_checkpoint()
+    results = trainer.evaluate_checkpoint(eval_sizes)
     if jax.process_index() == 0:
-      print({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()})
+      print(eval_table(results))
     return
   trainer.train()
   logging.info('Done. Logs: %s/metrics.jsonl and %s/tensorboard; checkpoints: %s',

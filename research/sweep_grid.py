@@ -22,6 +22,9 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 from absl import flags
 from ml_collections import config_flags
 
+from nfnets import config_validation
+from nfnets import data
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 Overrides = Dict[str, str]
@@ -180,6 +183,13 @@ def _fmt_overrides(overrides: Mapping[str, str]) -> str:
   return ' '.join(f'{k}={v}' for k, v in overrides.items()) or 'no overrides'
 
 
+def training_steps(config) -> int:
+  """The run length train.py will use: `training_steps`, or the one `epochs` gives on the config's data."""
+  if config.training_steps is not None:
+    return int(config.training_steps)
+  return config_validation.resolve_training_steps(config, data.dataset_info(config.dataset).num_train_examples)
+
+
 def make_runs(config_path: str, workdir: str, points: Sequence[Overrides],
               fixed: Optional[Mapping[str, Any]] = None) -> List[Run]:
   """Validates every grid point against the config (before anything runs) and gives each a sub-workdir.
@@ -202,5 +212,5 @@ def make_runs(config_path: str, workdir: str, points: Sequence[Overrides],
     if name in names:
       raise SweepError(f'Two grid points share the run name {name!r}')
     names.add(name)
-    runs.append(Run(name, overrides, os.path.join(workdir, name), int(config.training_steps)))
+    runs.append(Run(name, overrides, os.path.join(workdir, name), training_steps(config)))
   return runs

@@ -22,7 +22,7 @@ DONE_MARKER = 'DONE'            # written after train.py exits 0
 FAILED_MARKER = 'FAILED.json'   # {returncode, status, stderr_tail, wall_s}, written after a non-zero exit
 STDOUT_LOG, STDERR_LOG = 'stdout.log', 'stderr.log'
 STDERR_TAIL_LINES = 8
-# Markers of train.py's NaN guard (experiment.NonFiniteLossError) in a failed run's stderr.
+# Markers of train.py's NaN guard (nfnets.trainer.NonFiniteLossError) in a failed run's stderr.
 _DIVERGED_PATTERNS = ('NonFiniteLossError', 'became NaN/Inf')
 
 

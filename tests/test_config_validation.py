@@ -195,7 +195,7 @@ def test_resolve_training_steps_keeps_epochs_when_the_batch_changes():
 # -------------------------------------------------------------------------------- console filter
 
 def test_console_filter_drops_third_party_info_and_keeps_project_lines(tmp_path):
-  import train  # pylint: disable=g-import-not-at-top
+  from nfnets import console  # pylint: disable=g-import-not-at-top
   project = tmp_path / 'nfnets' / 'run_dir.py'
   vendor = tmp_path / '.venv' / 'lib' / 'python3.11' / 'site-packages' / 'orbax' / 'checkpoint_manager.py'
   for path, text in ((project, 'project'), (vendor, 'orbax')):
@@ -205,7 +205,7 @@ def test_console_filter_drops_third_party_info_and_keeps_project_lines(tmp_path)
   seen = []
   handler = std_logging.Handler()
   handler.emit = lambda record: seen.append(record.getMessage())
-  handler.addFilter(train.ProjectLogFilter(root=str(tmp_path)))
+  handler.addFilter(console.ProjectLogFilter(root=str(tmp_path)))
   logger = absl_logging.get_absl_logger()
   logger.addHandler(handler)
   old_level = absl_logging.get_verbosity()

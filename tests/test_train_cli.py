@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+from PIL import Image
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,15 +61,21 @@ def test_overrides_reach_the_experiment(demo_run):
   assert lr_at_2 == pytest.approx(0.1 * 16 / 256 * 1 / (2 * 1437 / 16), rel=1e-4)
 
 
-def test_eval_mode_runs_on_the_checkpoint(demo_run):
+def test_eval_mode_runs_on_the_checkpoint_at_several_sizes(demo_run):
   workdir, _ = demo_run
   before = read_metrics(workdir)[-1]
-  proc = run_train('--config=configs/demo.py', f'--workdir={workdir}', *SHORT, '--mode=eval')
+  proc = run_train('--config=configs/demo.py', f'--workdir={workdir}', *SHORT, '--mode=eval',
+                   '--eval_sizes=32,24,48')
   assert proc.returncode == 0, proc.stderr[-3000:]
-  after = read_metrics(workdir)[-1]
-  assert after['kind'] == 'eval' and after['step'] == 4
-  assert after['top1'] == pytest.approx(before['top1']) and after['ema_loss'] == pytest.approx(
+  after = read_metrics(workdir)[-3:]
+  assert [r['kind'] for r in after] == ['eval'] * 3 and {r['step'] for r in after} == {4}
+  assert [r['image_size'] for r in after] == [32, 24, 48]
+  # At the training run's own eval size, the same numbers as the eval it logged.
+  assert after[0]['top1'] == pytest.approx(before['top1']) and after[0]['ema_loss'] == pytest.approx(
       before['ema_loss'], rel=1e-5)
+  assert after[1]['ema_loss'] != pytest.approx(after[0]['ema_loss'], rel=1e-4)  # other pixels, other loss
+  table = [line for line in proc.stdout.splitlines() if line.startswith('| ')]
+  assert len(table) == 4 and table[1].startswith('| 32 | 360 | ')
 
 
 def test_unknown_config_field_fails_fast(tmp_path):
@@ -79,4 +87,33 @@ def test_unknown_config_field_fails_fast(tmp_path):
 
 def test_eval_mode_without_checkpoint_is_a_clear_error(tmp_path):
   proc = run_train('--config=configs/demo.py', f'--workdir={tmp_path}', '--mode=eval', timeout=120)
-  assert proc.returncode != 0 and 'No checkpoint in' in proc.stderr
+  assert proc.returncode == 2 and 'no checkpoint in' in proc.stderr and 'Traceback' not in proc.stderr
+
+
+def make_folder(root, num_classes, per_class=12, size=24):
+  """An image folder of `num_classes` classes told apart by colour (cats vs dogs at CPU scale)."""
+  rng = np.random.default_rng(num_classes)
+  colours = [(220, 40, 40), (40, 200, 60), (50, 60, 230)]
+  for c in range(num_classes):
+    os.makedirs(os.path.join(root, f'class_{c}'))
+    for i in range(per_class):
+      pixels = np.clip(np.array(colours[c]) + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
+      Image.fromarray(pixels).save(os.path.join(root, f'class_{c}', f'{i}.png'))
+  return root
+
+
+@pytest.mark.parametrize('num_classes', [2, 3])
+def test_small_folder_dataset_trains_and_evaluates(tmp_path, num_classes):
+  """Fewer than 5 classes: training and the eval run end to end; top-5, which means nothing there, is
+  left out of the eval (it crashed at the first eval before)."""
+  data = make_folder(str(tmp_path / 'data'), num_classes)
+  workdir = str(tmp_path / 'run')
+  proc = run_train('--config=configs/demo.py', f'--workdir={workdir}', *SHORT,
+                   '--config.dataset.name=folder', f'--config.dataset.data_dir={data}',
+                   f'--config.model.num_classes={num_classes}', '--config.batch_size=8',
+                   '--config.eval_batch_size=8')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (evaluation,) = [r for r in read_metrics(workdir) if r['kind'] == 'eval']
+  assert evaluation['num_examples'] == 2 * num_classes   # every 10th file of each class is held out
+  assert 'top5' not in evaluation and 'ema_top5' not in evaluation
+  assert 0.0 <= evaluation['top1'] <= 1.0 and np.isfinite(evaluation['loss'])

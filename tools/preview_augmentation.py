@@ -3,28 +3,21 @@
   python -m tools.preview_augmentation --config=configs/demo.py --out=grid.png
 """
 from absl import app, flags
+import jax
 import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ml_collections import config_flags
 import numpy as np
 
-from nfnets import data, registry
+import experiment
+from nfnets import data
 from nfnets.data import preprocess
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.', lock_config=False)
 _OUT = flags.DEFINE_string('out', 'grid.png', 'PNG file to write.')
 _NUM = flags.DEFINE_integer('num', 16, 'Images to show (rounded up to a whole batch of 2 per device).')
 _SEED = flags.DEFINE_integer('seed', 0, 'Augmentation seed.')
-
-
-def train_kwargs(config) -> dict:
-  """The train_iterator arguments a config implies, filling None fields from the model registry."""
-  spec = registry.get_spec(config.model.name)
-  aug = config.dataset.augment
-  return dict(image_size=config.dataset.image_size or spec.train_size, num_classes=config.model.num_classes,
-              ra_layers=spec.ra_layers if aug.ra_layers is None else aug.ra_layers,
-              ra_magnitude=spec.ra_magnitude if aug.ra_magnitude is None else aug.ra_magnitude)
 
 
 def title(target: np.ndarray) -> str:
@@ -35,8 +28,9 @@ def title(target: np.ndarray) -> str:
 def main(_):
   config = _CONFIG.value
   num = max(2, _NUM.value + _NUM.value % 2)
+  xp = experiment.Experiment(config, devices=jax.local_devices()[:1])
   batch = next(data.train_iterator(config.dataset, global_batch_size=num, num_local_devices=1, seed=_SEED.value,
-                                   process_index=0, process_count=1, **train_kwargs(config)))
+                                   process_index=0, process_count=1, **xp.train_input()))
   images = np.clip(batch['images'][0] * preprocess.STDDEV_RGB + preprocess.MEAN_RGB, 0, 255).astype(np.uint8)
   cols = int(np.ceil(np.sqrt(num)))
   rows = int(np.ceil(num / cols))
