@@ -1,4 +1,4 @@
-"""MixUp and CutMix on one device batch, as the reference pairs them (spec §1.5).
+"""MixUp and CutMix on one device batch, as the reference code pairs them (deepmind-research/nfnets dataset.py).
 
 A device batch of `bs` images is built from 2*bs examples. With both on, MixUp blends the first bs//2 pairs
 (x[i] with x[i + q]) and CutMix the remaining pairs; with one on, it mixes all bs pairs. Targets are the

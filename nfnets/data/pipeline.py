@@ -1,7 +1,7 @@
 """Train and eval batch iterators: sharded per process, batched [local_devices, per_device, ...].
 
-Train (spec §1.5): shuffle -> crop/flip/resize -> MixUp/CutMix on 2x device batches -> RandAugment -> normalise.
-Eval (spec §1.7): square resize to S + pad, centre crop S, normalise; padded and masked to a common batch count.
+Train (the reference code's dataset.py): shuffle -> crop/flip/resize -> MixUp/CutMix on 2x device batches -> RandAugment -> normalise.
+Eval (the reference code's resize_crop_32): square resize to S + pad, centre crop S, normalise; padded and masked to a common batch count.
 """
 import math
 from typing import Iterator, Optional, Tuple

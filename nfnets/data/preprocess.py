@@ -1,4 +1,4 @@
-"""Per-example train and eval preprocessing (spec §1.5, §1.7), in TF so it runs inside tf.data.
+"""Per-example train and eval preprocessing (the reference code's dataset.py; paper App. A), in TF so it runs inside tf.data.
 
 Randomness is stateless: every function takes a `key` (int64 [2]), so a seed fixes every crop and flip.
 Outputs are float32 in the 0..255 range, not clamped (bicubic overshoots, as in the reference).
@@ -23,7 +23,7 @@ def center_crop_window(shape: tf.Tensor, image_size: int) -> tf.Tensor:
 
 
 def random_crop_window(shape: tf.Tensor, key: tf.Tensor, image_size: int, area_min: float) -> tf.Tensor:
-  """Inception crop [y, x, h, w]; falls back to the centre crop when 10 attempts fail (spec §1.5)."""
+  """Inception crop [y, x, h, w]; falls back to the centre crop when 10 attempts fail (the reference code)."""
   begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
       shape, tf.constant([[[0., 0., 1., 1.]]]), seed=key, min_object_covered=0.1,
       aspect_ratio_range=(3 / 4, 4 / 3), area_range=(area_min, 1.0), max_attempts=10,
@@ -77,7 +77,7 @@ def train_image(image: tf.Tensor, key: tf.Tensor, *, encoded: bool, image_size: 
 
 
 def eval_image(image: tf.Tensor, *, encoded: bool, image_size: int, resize_pad: int) -> tf.Tensor:
-  """Square bicubic resize of the whole image to S + pad (aspect not kept), centre crop S (spec §1.7)."""
+  """Square bicubic resize of the whole image to S + pad (aspect not kept), centre crop S (the reference code's resize_crop_32)."""
   if resize_pad < 0:
     raise ValueError(f'eval_resize_pad must be >= 0, got {resize_pad}')
   big = image_size + resize_pad

@@ -18,7 +18,7 @@ import tensorflow_datasets as tfds
 NAMES = ('digits', 'fake', 'folder', 'imagenet2012', '<any TFDS image classification dataset>')
 DIGITS_NUM_TEST = 360            # of scikit-learn's 1797 digits; the other 1437 train
 DIGITS_SPLIT_SEED = 0
-IMAGENET_HOLDOUT = 10_000        # spec §1.8: the first 10k train images are the holdout
+IMAGENET_HOLDOUT = 10_000        # the reference code: the first 10k train images are the holdout
 FOLDER_EVAL_EVERY = 10           # flat folder layout: file i of a class (sorted) is eval when i % 10 == 0
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
 
@@ -38,7 +38,7 @@ class Source:
 
 
 def shard_range(n: int, index: int, count: int) -> Tuple[int, int]:
-  """[start, end) of process `index`'s part of n examples, as np.array_split (spec §1.8)."""
+  """[start, end) of process `index`'s part of n examples, as np.array_split (as the reference code shards)."""
   start = index * (n // count) + min(index, n % count)
   return start, start + n // count + (index < n % count)
 
@@ -104,7 +104,7 @@ def _imagenet_missing_error(builder, data_dir) -> FileNotFoundError:
 
 def _tfds_split(name: str, split: str) -> str:
   if name == 'imagenet2012':
-    # The reference's 10k holdout (spec §1.8) under readable names.
+    # The reference's 10k holdout (the reference code's dataset.py) under readable names.
     return {'train_holdout': f'train[{IMAGENET_HOLDOUT}:]', 'holdout': f'train[:{IMAGENET_HOLDOUT}]'}.get(
         split, split)
   return split
