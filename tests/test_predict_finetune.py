@@ -226,8 +226,9 @@ def test_finetune_from_checkpoint_with_other_class_count(source_run, tmp_path):
 def test_finetune_bad_init_from_writes_nothing(source_run, tmp_path):
   src, src_ema = source_run
   cases = {}
-  cases['missing'] = (str(tmp_path / 'missing.npz'), FileNotFoundError, 'missing.npz')
-  cases['empty_dir'] = (str(tmp_path / 'empty'), FileNotFoundError, 'No checkpoint found')
+  # A missing path or an empty folder is refused by the config check, before anything else.
+  cases['missing'] = (str(tmp_path / 'missing.npz'), ValueError, "init_from='.*missing.npz' does not exist")
+  cases['empty_dir'] = (str(tmp_path / 'empty'), ValueError, 'holds no checkpoint')
   os.makedirs(tmp_path / 'empty')
   flat = tmp_path / 'src.npz'
   weights.export_npz(src_ema, flat)
@@ -241,9 +242,8 @@ def test_finetune_bad_init_from_writes_nothing(source_run, tmp_path):
   cases['wrong_shape'] = (str(tmp_path / 'wrong.npz'), ValueError, r'do not fit.*final_conv/w: shape')
   for name, (path, error, message) in cases.items():
     workdir = str(tmp_path / f'run_{name}')
-    trainer = trainer_lib.Trainer(xp_of(small_config(10, init_from=path)), workdir)
     with pytest.raises(error, match=message):
-      trainer.train()
+      trainer_lib.Trainer(xp_of(small_config(10, init_from=path)), workdir).train()
     _assert_nothing_written(workdir)
 
 
