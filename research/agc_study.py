@@ -1,11 +1,20 @@
 """The paper's AGC study (§4.1, Fig. 2) at CPU scale: batch size x learning rate x (no AGC | lambda).
 
-    python -m research.agc_study --workdir=runs/agc_study --parallel=2 \
+    python -m research.agc_study --parallel=2 [--optimizer=sgd|adamw|lamb] \
         [--out_png=docs/agc_study.png] [--out_md=docs/agc_study.md]
+    python -m research.agc_study --from_md=docs/agc_study.md --out_png=docs/agc_study.png   # redraw only
 
 Every run is a `train.py` subprocess driven by `research.sweep_runs` (resumable: rerun to continue).
 The LR follows the paper's linear rule, peak = base_lr * batch / 256, and every batch size trains for the
 same number of epochs, so larger batches take fewer, larger steps, as in the paper.
+
+`--optimizer` picks the optimizer AGC sits in front of, with its own default grid (`STUDY_DEFAULTS`): the
+paper's SGD-Nesterov (App. A.1), or AdamW/LAMB with decoupled weight decay 0.05. The paper tunes
+lambda for SGD only (§4.1: lambda = 0.01 for batch >= 1024). Adam-type optimizers divide each coordinate
+by its running RMS, so a clip that scales every step alike changes nothing and only the steps clipped
+harder than usual are damped; the AdamW grid goes up to lambda = 0.64 to see whether that calls for a
+larger lambda (docs/agc_study_adamw.md: at this scale it does not).
+`--from_md` redraws the figure from a table this module wrote, without the runs.
 """
 import os
 import re
@@ -19,13 +28,26 @@ from absl import flags
 from research import sweep_grid
 from research import sweep_runs
 from research import sweep_summary
+from research.agc_study_plot import AGC_OFF, agc_title, cell_label, plot_study  # pylint: disable=unused-import
 
 CONFIG = os.path.join(sweep_grid.REPO_ROOT, 'configs', 'agc_study.py')
 BATCH_SIZES = (64, 256, 1024)
 BASE_LRS = (0.025, 0.1, 0.4)       # per 256 images (the paper's is 0.1)
 CLIPPINGS = (0.01, 0.04, 0.16)     # lambda; None in a grid = AGC off
 EPOCHS = 30.0
-AGC_OFF = 'off'
+# Per optimizer: the default base LRs (per 256 images), lambdas and fixed config overrides. sgd adds no
+# override, so its runs are the config's (the existing study's run directories resume). For adamw/lamb,
+# weight decay is optax's decoupled kind, scaled by the LR schedule (p -= lr * wd * p): 0.05 is a common
+# AdamW value for convnets; over 30 epochs here the total shrink is exp(-wd * sum(lr)),
+# sum(lr) ~ 84 * base_lr, i.e. ~4% at base LR 1e-2.
+STUDY_DEFAULTS = {
+    'sgd': dict(base_lrs=BASE_LRS, clippings=CLIPPINGS, fixed={}),
+    # docs/agc_study_adamw.md also has base LR 3e-4 (90-92% whatever lambda); without it, 36 runs.
+    'adamw': dict(base_lrs=(1e-3, 3e-3, 1e-2), clippings=(0.01, 0.16, 0.64),
+                  fixed={'optimizer.name': 'adamw', 'optimizer.weight_decay': '0.05'}),
+    'lamb': dict(base_lrs=(1e-3, 3e-3, 1e-2), clippings=(0.01, 0.16, 0.64),   # not run yet
+                 fixed={'optimizer.name': 'lamb', 'optimizer.weight_decay': '0.05'}),
+}
 
 
 def agc_axis(clippings: Sequence[float]) -> List[sweep_grid.Overrides]:
@@ -90,92 +112,96 @@ def study_rows(runs: Sequence[sweep_grid.Run]) -> List[dict]:
   return rows
 
 
-def _cell(row: dict) -> str:
-  if row['status'] == 'done':
-    return f"{100 * row['top1']:.1f}"
-  if row['status'] == 'diverged':
-    step = row['diverged_at']
-    return f'NaN@{step}' if step is not None else 'NaN'
-  return row['status']
-
-
 def study_table(rows: Sequence[dict]) -> str:
   """Markdown: one line per (base LR, batch), one column per AGC setting; test top-1 % or NaN@step."""
   agcs = list(dict.fromkeys(r['agc'] for r in rows))
   keys = list(dict.fromkeys((r['base_lr'], r['batch']) for r in rows))
   by = {(r['base_lr'], r['batch'], r['agc']): r for r in rows}
-  head = ['base LR', 'batch', 'peak LR', 'steps'] + [('no AGC' if a == AGC_OFF else f'λ={a}') for a in agcs]
+  head = ['base LR', 'batch', 'peak LR', 'steps'] + [_column(a) for a in agcs]
   lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for lr, b in keys:
     any_row = next(by[(lr, b, a)] for a in agcs if (lr, b, a) in by)
-    cells = [_cell(by[(lr, b, a)]) if (lr, b, a) in by else '' for a in agcs]
+    cells = [cell_label(by[(lr, b, a)]) if (lr, b, a) in by else '' for a in agcs]
     lines.append('| ' + ' | '.join([f'{lr:g}', str(b), f'{lr * b / 256:g}', str(any_row['training_steps'])]
                                    + cells) + ' |')
   return '\n'.join(lines) + '\n'
 
 
-def plot_study(path: str, rows: Sequence[dict], title: str = '') -> None:
-  """(a) top-1 vs batch size, one line per AGC setting and base LR; (b) top-1 vs lambda per batch size.
+def _column(agc: str) -> str:
+  return 'no AGC' if agc == AGC_OFF else f'λ={agc}'
 
-  Diverged runs (NaN loss) are drawn as crosses at 0.
-  """
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  agcs = list(dict.fromkeys(r['agc'] for r in rows))
-  lrs = sorted({r['base_lr'] for r in rows})
-  batches = sorted({r['batch'] for r in rows})
-  colors = dict(zip(agcs, ['black', 'tab:blue', 'tab:orange', 'tab:green', 'tab:purple', 'tab:brown']))
-  styles = dict(zip(lrs, ['--', '-', ':', '-.']))
-  acc = lambda r: r['top1'] if r['status'] == 'done' else None
-  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=80)
-  for lr in lrs:
-    for a in agcs:
-      rs = sorted((r for r in rows if r['base_lr'] == lr and r['agc'] == a), key=lambda r: r['batch'])
-      ok = [(r['batch'], acc(r)) for r in rs if acc(r) is not None]
-      label = f"{'no AGC' if a == AGC_OFF else f'λ={a}'}, base LR {lr:g}"
-      if ok:
-        ax1.plot(*zip(*ok), styles[lr], marker='o', color=colors[a], label=label)
-      bad = [r['batch'] for r in rs if acc(r) is None]
-      if bad:
-        ax1.plot(bad, [0] * len(bad), 'x', color=colors[a], markersize=9, mew=2,
-                 label=None if ok else label + ' (all NaN)')
-  ax1.set_xscale('log', base=2)
-  ax1.set_xticks(batches)
-  ax1.set_xticklabels([str(b) for b in batches])
-  ax1.set_xlabel('batch size (peak LR = base LR x batch / 256)')
-  ax1.set_ylabel('test top-1 (x at 0: loss became NaN)')
-  ax1.set_ylim(-0.04, 1.02)
-  ax1.grid(alpha=0.3)
-  ax1.legend(fontsize=7, loc='lower left')
-  ax1.set_title('(a) accuracy vs batch size', fontsize=10)
+def parse_table(md: str) -> List[dict]:
+  """The rows behind a `study_table` (base_lr, batch, peak_lr, training_steps, agc, status, top1,
+  diverged_at), read back from the markdown, so the figure can be redrawn without the run directories."""
+  lines = [l.strip() for l in md.splitlines() if l.strip().startswith('|')]
+  if len(lines) < 3 or not lines[0].startswith('| base LR | batch | peak LR | steps |'):
+    raise sweep_grid.SweepError('No AGC-study table (| base LR | batch | peak LR | steps | ...) found')
+  split = lambda l: [c.strip() for c in l.strip('|').split('|')]
+  agcs = []
+  for col in split(lines[0])[4:]:
+    if col == 'no AGC':
+      agcs.append(AGC_OFF)
+    elif col.startswith('λ='):
+      agcs.append(col[2:])
+    else:
+      raise sweep_grid.SweepError(f'Unknown AGC column {col!r}')
+  rows = []
+  for line in lines[2:]:
+    cells = split(line)
+    if len(cells) != 4 + len(agcs):
+      raise sweep_grid.SweepError(f'Table line has {len(cells)} cells, expected {4 + len(agcs)}: {line}')
+    lr, batch, peak, steps = float(cells[0]), int(cells[1]), float(cells[2]), int(cells[3])
+    for agc, cell in zip(agcs, cells[4:]):
+      if not cell:
+        continue
+      row = dict(base_lr=lr, batch=batch, peak_lr=peak, training_steps=steps, agc=agc, top1=None,
+                 diverged_at=None)
+      m = re.fullmatch(r'NaN(?:@(\d+))?', cell)
+      if m:
+        row.update(status='diverged', diverged_at=int(m.group(1)) if m.group(1) else None)
+      elif re.fullmatch(r'\d+(\.\d*)?', cell):
+        row.update(status='done', top1=float(cell) / 100)
+      else:
+        row.update(status=cell)
+      rows.append(row)
+  return rows
 
-  pos = {a: i for i, a in enumerate(agcs)}
-  for lr in lrs:
-    for i, b in enumerate(batches):
-      rs = sorted((r for r in rows if r['base_lr'] == lr and r['batch'] == b), key=lambda r: pos[r['agc']])
-      ok = [(pos[r['agc']], acc(r)) for r in rs if acc(r) is not None and r['agc'] != AGC_OFF]
-      color = plt.cm.viridis(i / max(1, len(batches) - 1))
-      if ok:
-        ax2.plot(*zip(*ok), styles[lr], marker='o', color=color, label=f'batch {b}, base LR {lr:g}')
-      for r in rs:
-        if r['agc'] == AGC_OFF and acc(r) is not None:
-          ax2.plot([pos[AGC_OFF]], [acc(r)], 's', color=color, markerfacecolor='none')
-      bad = [pos[r['agc']] for r in rs if acc(r) is None]
-      if bad:
-        ax2.plot(bad, [0] * len(bad), 'x', color=color, markersize=9, mew=2)
-  ax2.set_xticks(list(pos.values()))
-  ax2.set_xticklabels(['no AGC' if a == AGC_OFF else f'λ={a}' for a in agcs])
-  ax2.set_ylim(-0.04, 1.02)
-  ax2.grid(alpha=0.3)
-  ax2.legend(fontsize=7, loc='lower right')
-  ax2.set_title('(b) sensitivity to λ (squares: no AGC; x: NaN)', fontsize=10)
-  if title:
-    fig.suptitle(title, fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
+
+def md_title(md: str) -> str:
+  """The title line of a study's markdown (before '; test top-1')."""
+  return md.splitlines()[0].split('; test top-1')[0].strip() if md.strip() else ''
+
+
+def describe_optimizer(o) -> str:
+  """'SGD-Nesterov, L2 5e-05' or 'AdamW, decoupled weight decay 0.05' from a config's `optimizer` block."""
+  name = o.get('name', 'sgd')
+  if name == 'sgd':
+    momentum = ('Nesterov' if o.nesterov else f'momentum {o.momentum:g}') if o.momentum else 'no momentum'
+    return f'SGD-{momentum}, L2 {o.weight_decay:g}'
+  return f"{'AdamW' if name == 'adamw' else 'LAMB'}, decoupled weight decay {o.weight_decay:g}"
+
+
+def _run_wall_s(run: sweep_grid.Run) -> float:
+  """The run's own wall time, from its DONE or FAILED marker (0 if unknown)."""
+  state = sweep_runs.run_state(run)
+  if state.wall_s is not None:
+    return state.wall_s
+  done = os.path.join(run.workdir, sweep_runs.DONE_MARKER)
+  if os.path.exists(done):
+    m = re.search(r'wall_s=([\d.]+)', open(done).read())
+    return float(m.group(1)) if m else 0.0
+  return 0.0
+
+
+def _add_wall_time(workdir: str, seconds: float) -> float:
+  """Adds `seconds` to the study's wall time kept in `workdir`/wall_time.txt (so a rerun that only
+  rewrites the table keeps it); returns the total."""
+  path = os.path.join(workdir, 'wall_time.txt')
+  total = float(open(path).read()) if os.path.exists(path) else 0.0
+  with open(path, 'w') as f:
+    f.write(f'{total + seconds:.1f}\n')
+  return total + seconds
 
 
 def describe_model(m) -> str:
@@ -191,23 +217,27 @@ def describe_model(m) -> str:
 
 
 def run_study(workdir: str, parallel: int = 1, out_png: Optional[str] = None, out_md: Optional[str] = None,
-              retry_failed: bool = False, **study_kwargs) -> List[dict]:
-  """Runs (or resumes) the study, then writes the sweep summary plus agc_study.md/.png in `workdir`."""
+              retry_failed: bool = False, command: Optional[str] = None, **study_kwargs) -> List[dict]:
+  """Runs (or resumes) the study, then writes the sweep summary plus agc_study.md/.png in `workdir`.
+
+  `command` (the command line, if given) is written under the table."""
   t0 = time.time()
   runs = make_study(workdir, **study_kwargs)
-  sweep_runs.run_sweep(runs, CONFIG if 'config_path' not in study_kwargs else study_kwargs['config_path'],
-                  parallel=parallel, retry_failed=retry_failed)
-  wall = time.time() - t0
+  results = sweep_runs.run_sweep(runs, study_kwargs.get('config_path', CONFIG), parallel=parallel,
+                                 retry_failed=retry_failed)
+  wall = _add_wall_time(workdir, time.time() - t0 if any(not r.skipped for r in results) else 0.0)
   sweep_summary.write_summary(workdir, runs, x='optimizer.base_lr', series='batch_size')
   rows = study_rows(runs)
-  model = describe_model(sweep_grid.resolve_config(study_kwargs.get('config_path', CONFIG),
-                                              study_kwargs.get('fixed')).model)
-  title = f'AGC study, {model}, on digits (top-1 on the 360 test images)'
+  config = sweep_grid.resolve_config(study_kwargs.get('config_path', CONFIG), study_kwargs.get('fixed'))
+  title = (f'AGC study, {describe_optimizer(config.optimizer)}, {describe_model(config.model)}, on digits '
+           '(top-1 on the 360 test images)')
   table = study_table(rows)
+  run_wall = sum(_run_wall_s(r) for r in runs)
   md = (f'{title}; test top-1 %, NaN@k: the loss became NaN/Inf at step k.\n\n{table}\n'
-        f'Sweep wall time: {wall / 60:.1f} min ({sum(r["status"] == "done" for r in rows)} runs finished, '
+        f'Sweep wall time: {wall / 60:.1f} min at --parallel={parallel} ({sum(r["status"] == "done" for r in rows)} runs finished, '
         f'{sum(r["status"] == "diverged" for r in rows)} diverged, '
-        f'{sum(r["status"] == "failed" for r in rows)} failed).\n')
+        f'{sum(r["status"] == "failed" for r in rows)} failed; the runs\' own wall times sum to '
+        f'{run_wall / 60:.1f} min).\n' + (f'\nCommand: `{command}`\n' if command else ''))
   for path in [os.path.join(workdir, 'agc_study.md')] + ([out_md] if out_md else []):
     with open(path, 'w') as f:
       f.write(md)
@@ -220,11 +250,16 @@ def run_study(workdir: str, parallel: int = 1, out_png: Optional[str] = None, ou
 def define_flags():
   """The command-line flags (defined only when run as a program, so imports do not clash)."""
   global _WORKDIR, _PARALLEL, _BATCH, _LRS, _CLIP, _EPOCHS, _MODEL, _OUT_PNG, _OUT_MD, _RETRY, _SET
-  _WORKDIR = flags.DEFINE_string('workdir', 'runs/agc_study', 'Study directory (one sub-directory per run).')
+  global _OPTIMIZER, _FROM_MD
+  _OPTIMIZER = flags.DEFINE_enum('optimizer', 'sgd', list(STUDY_DEFAULTS),
+                                 'The optimizer behind AGC; picks the default grid and overrides.')
+  _WORKDIR = flags.DEFINE_string('workdir', None, 'Study directory (one sub-directory per run); default '
+                                 'runs/agc_study, runs/agc_study_<optimizer> for adamw/lamb.')
   _PARALLEL = flags.DEFINE_integer('parallel', 2, 'train.py processes at once.')
   _BATCH = flags.DEFINE_list('batch_sizes', [str(b) for b in BATCH_SIZES], 'Batch sizes.')
-  _LRS = flags.DEFINE_list('base_lrs', [str(x) for x in BASE_LRS], 'Base LRs per 256 images.')
-  _CLIP = flags.DEFINE_list('clippings', [str(x) for x in CLIPPINGS], 'AGC lambdas (plus a no-AGC run).')
+  _LRS = flags.DEFINE_list('base_lrs', None, "Base LRs per 256 images (default: the optimizer's).")
+  _CLIP = flags.DEFINE_list('clippings', None, "AGC lambdas, plus a no-AGC run (default: the optimizer's).")
+  _FROM_MD = flags.DEFINE_string('from_md', None, 'Redraw --out_png from this study table (no runs).')
   _EPOCHS = flags.DEFINE_float('epochs', EPOCHS, 'Epochs per run, whatever the batch size.')
   _MODEL = flags.DEFINE_string('model', None, 'Registry model name (default: the config\'s).')
   _OUT_PNG = flags.DEFINE_string('out_png', None, 'Also write the plot here (e.g. docs/agc_study.png).')
@@ -237,17 +272,33 @@ def define_flags():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  fixed = {'model.name': _MODEL.value} if _MODEL.value else {}
+  defaults = STUDY_DEFAULTS[_OPTIMIZER.value]
+  fixed = dict(defaults['fixed'])
+  if _MODEL.value:
+    fixed['model.name'] = _MODEL.value
   try:
+    if _FROM_MD.value:
+      if not _OUT_PNG.value:
+        raise sweep_grid.SweepError('--from_md needs --out_png')
+      with open(_FROM_MD.value) as f:
+        md = f.read()
+      plot_study(_OUT_PNG.value, parse_table(md), md_title(md))
+      print(f'agc_study: wrote {_OUT_PNG.value} from {_FROM_MD.value}')
+      return 0
     for item in _SET.value:
       field, sep, value = item.partition('=')
       if not sep or not field:
         raise sweep_grid.SweepError(f'--set takes field=value, got {item!r}')
       fixed[field.strip()] = value.strip()
-    run_study(_WORKDIR.value, _PARALLEL.value, _OUT_PNG.value, _OUT_MD.value, _RETRY.value,
-              batch_sizes=[int(b) for b in _BATCH.value], base_lrs=[float(x) for x in _LRS.value],
-              clippings=[float(x) for x in _CLIP.value], epochs=_EPOCHS.value, fixed=fixed or None)
-  except sweep_grid.SweepError as e:
+    workdir = _WORKDIR.value or ('runs/agc_study' if _OPTIMIZER.value == 'sgd'
+                                 else f'runs/agc_study_{_OPTIMIZER.value}')
+    run_study(workdir, _PARALLEL.value, _OUT_PNG.value, _OUT_MD.value, _RETRY.value,
+              command=' '.join(['python -m research.agc_study'] + sys.argv[1:]),
+              batch_sizes=[int(b) for b in _BATCH.value],
+              base_lrs=[float(x) for x in _LRS.value] if _LRS.value else defaults['base_lrs'],
+              clippings=[float(x) for x in _CLIP.value] if _CLIP.value else defaults['clippings'],
+              epochs=_EPOCHS.value, fixed=fixed or None)
+  except (sweep_grid.SweepError, OSError) as e:
     print(f'agc_study: error: {e}', file=sys.stderr)
     return 2
   return 0

@@ -1,4 +1,5 @@
-"""Research tools: sweep grid/resume/summary (with a fake train script, no training), SPP vs the beta/alpha rule."""
+"""Research tools: sweep grid/resume/summary (with a fake train script, no training), the AGC study's grid,
+table and heat maps (read back from the drawn figure)."""
 import csv
 import json
 import os
@@ -6,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 from research import agc_study
@@ -156,7 +158,7 @@ def test_sweep_runs_resumes_and_isolates_failures(tmp_path, fake_train):
   assert by['optimizer.agc.clipping=0.01,batch_size=1024']['top1'] == pytest.approx(1 - 0.01 - 0.1024)
 
 
-def _fake_run(run, top1=None, step=None, failed=None):
+def _fake_run(run, top1=None, step=None, failed=None, nan_step=2):
   os.makedirs(run.workdir, exist_ok=True)
   step = run.training_steps if step is None else step
   with open(os.path.join(run.workdir, 'metrics.jsonl'), 'w') as f:
@@ -170,7 +172,8 @@ def _fake_run(run, top1=None, step=None, failed=None):
   if failed:
     with open(os.path.join(run.workdir, sweep_runs.FAILED_MARKER), 'w') as f:
       json.dump({'status': failed, 'returncode': 1, 'wall_s': 2.0,
-                 'stderr_tail': 'x\nexperiment.NonFiniteLossError: Loss or gradient became NaN/Inf at step 2'}, f)
+                 'stderr_tail': 'x\nexperiment.NonFiniteLossError: Loss or gradient became NaN/Inf at step '
+                                f'{nan_step}'}, f)
 
 
 def test_summary_aggregates_fake_run_dirs(tmp_path):
@@ -202,7 +205,7 @@ def test_summary_aggregates_fake_run_dirs(tmp_path):
   assert sweep_summary.default_plot_axes(runs) == ('optimizer.agc.clipping', 'batch_size')
 
 
-def test_agc_study_grid_table_and_plot(tmp_path):
+def test_agc_study_grid_and_table(tmp_path):
   runs = agc_study.make_study(str(tmp_path), batch_sizes=(64, 1024), base_lrs=(0.4,), clippings=(0.01, 0.16),
                               epochs=10, train_examples=1437)  # digits' train split
   assert [r.name for r in runs] == ['lr=0.4,bs=64,agc=off', 'lr=0.4,bs=64,agc=0.01', 'lr=0.4,bs=64,agc=0.16',
@@ -216,8 +219,115 @@ def test_agc_study_grid_table_and_plot(tmp_path):
   assert rows[3]['diverged_at'] == 2 and rows[3]['peak_lr'] == 1.6
   table = agc_study.study_table(rows)
   assert '| 0.4 | 1024 | 1.6 | 14 | NaN@2 | 60.0 | 55.0 |' in table
-  agc_study.plot_study(str(tmp_path / 'study.png'), rows)
-  assert 10_000 < os.path.getsize(tmp_path / 'study.png') < 300_000
+
+
+# Top-1 of each fake run of the plot test, by (base LR, batch, AGC); None = diverged at the step given.
+_PLOT_CASES = {
+    (0.1, 64, 'off'): 0.951, (0.1, 64, '0.01'): 0.902, (0.1, 64, '0.16'): 0.983,
+    (0.1, 1024, 'off'): ('NaN', 7), (0.1, 1024, '0.01'): 0.881, (0.1, 1024, '0.16'): 0.5,
+    (0.4, 64, 'off'): ('NaN', 31), (0.4, 64, '0.01'): 0.972, (0.4, 64, '0.16'): 0.994,
+    (0.4, 1024, 'off'): ('NaN', 4), (0.4, 1024, '0.01'): 0.686, (0.4, 1024, '0.16'): ('NaN', 19),
+}
+
+
+@pytest.fixture
+def study_rows_for_plot(tmp_path):
+  """Fake run directories for a 2 LR x 2 batch x (off, 0.01, 0.16) study, and their rows."""
+  runs = agc_study.make_study(str(tmp_path / 'study'), batch_sizes=(1024, 64), base_lrs=(0.4, 0.1),
+                              clippings=(0.01, 0.16), epochs=5, train_examples=1437)
+  for run in runs:
+    o = run.overrides
+    case = _PLOT_CASES[(float(o['optimizer.base_lr']), int(o['batch_size']), agc_study._agc_label(o))]
+    if isinstance(case, tuple):
+      _fake_run(run, None, step=case[1], failed='diverged', nan_step=case[1])
+    else:
+      _fake_run(run, case)
+  return agc_study.study_rows(runs)
+
+
+def test_agc_study_plot_draws_each_row_in_its_cell(tmp_path, study_rows_for_plot):
+  """The heat maps, read back from the figure's artists: one panel per AGC setting, batch rows and LR columns
+  in ascending order whatever the grid order, each run's top-1 (or NaN@step on grey) in its own cell, one
+  colour scale."""
+  out = str(tmp_path / 'study.png')
+  drawn = agc_study.plot_study(out, study_rows_for_plot, title='test')
+  assert 10_000 < os.path.getsize(out) < 300_000
+  assert drawn['panels'] == ['no AGC', 'λ = 0.01', 'λ = 0.16']
+  assert drawn['rows'] == ['64', '1024'] and drawn['cols'] == ['0.1', '0.4']
+  panel = {'off': 'no AGC', '0.01': 'λ = 0.01', '0.16': 'λ = 0.16'}
+  for (lr, batch, agc), case in _PLOT_CASES.items():
+    i, j, name = [64, 1024].index(batch), [0.1, 0.4].index(lr), panel[agc]
+    if isinstance(case, tuple):
+      assert drawn['text'][name][i][j] == f'NaN@{case[1]}', (lr, batch, agc)
+      assert drawn['diverged'][name][i, j] and np.isnan(drawn['top1'][name][i, j])
+    else:
+      assert drawn['text'][name][i][j] == f'{100 * case:.1f}', (lr, batch, agc)
+      assert not drawn['diverged'][name][i, j]
+      assert drawn['top1'][name][i, j] == pytest.approx(min(100 * case, 99.5))  # the scale tops at 99.5
+  assert drawn['text']['no AGC'] == [['95.1', 'NaN@31'], ['NaN@7', 'NaN@4']]
+  assert len(set(drawn['scale'].values())) == 1  # one colour scale for every panel
+  # A missing run leaves its cell empty and white; a failed one says so.
+  key = lambda r: (r['base_lr'], r['batch'], r['agc'])
+  rows = [dict(r, status='failed', top1=None) if key(r) == (0.1, 64, 'off') else r
+          for r in study_rows_for_plot if key(r) != (0.4, 64, '0.01')]
+  drawn = agc_study.plot_study(None, rows)
+  assert drawn['text']['λ = 0.01'][0] == ['90.2', ''] and drawn['text']['no AGC'][0][0] == 'failed'
+  assert np.isnan(drawn['top1']['no AGC'][0, 0]) and not drawn['diverged']['no AGC'][0, 0]
+
+
+def test_agc_study_table_round_trip_and_from_md(tmp_path, study_rows_for_plot):
+  """The markdown table parses back into the rows it came from, so --from_md redraws the same figure."""
+  md = 'AGC study, test; test top-1 %, NaN@k: ...\n\n' + agc_study.study_table(study_rows_for_plot)
+  parsed = agc_study.parse_table(md)
+  keys = ('base_lr', 'batch', 'agc', 'status', 'diverged_at', 'training_steps')
+  assert sorted(tuple(r[k] for k in keys) for r in parsed) == sorted(
+      tuple(r[k] for k in keys) for r in study_rows_for_plot)
+  top1 = {(r['base_lr'], r['batch'], r['agc']): r['top1'] for r in parsed}
+  for (lr, batch, agc), case in _PLOT_CASES.items():
+    assert top1[(lr, batch, agc)] == (None if isinstance(case, tuple) else pytest.approx(case, abs=5e-4))
+  assert agc_study.md_title(md) == 'AGC study, test'
+  assert (agc_study.plot_study(None, parsed)['text'] ==
+          agc_study.plot_study(None, study_rows_for_plot)['text'])
+  with pytest.raises(sweep_grid.SweepError, match='No AGC-study table'):
+    agc_study.parse_table('| a | b |\n|---|---|\n| 1 | 2 |')
+  # The CLI path, on the committed SGD study's table.
+  docs_md = os.path.join(sweep_grid.REPO_ROOT, 'docs', 'agc_study.md')
+  out = tmp_path / 'sgd.png'
+  cli = [sys.executable, '-m', 'research.agc_study', f'--from_md={docs_md}']
+  res = subprocess.run(cli + [f'--out_png={out}'], capture_output=True, text=True, cwd=sweep_grid.REPO_ROOT,
+                       timeout=300)
+  assert res.returncode == 0, res.stderr
+  assert out.stat().st_size > 10_000
+  res = subprocess.run(cli, capture_output=True, text=True, cwd=sweep_grid.REPO_ROOT, timeout=300)
+  assert res.returncode == 2 and '--from_md needs --out_png' in res.stderr
+
+
+def test_agc_study_sgd_docs_table_parses():
+  """docs/agc_study.md (the SGD study) parses into its 36 cells; two spot checks against the table."""
+  with open(os.path.join(sweep_grid.REPO_ROOT, 'docs', 'agc_study.md')) as f:
+    rows = agc_study.parse_table(f.read())
+  assert len(rows) == 36
+  by = {(r['base_lr'], r['batch'], r['agc']): r for r in rows}
+  assert by[(0.4, 1024, '0.16')]['status'] == 'diverged' and by[(0.4, 1024, '0.16')]['diverged_at'] == 19
+  assert by[(0.4, 64, '0.04')]['top1'] == pytest.approx(0.994)
+  drawn = agc_study.plot_study(None, rows)
+  assert drawn['text']['λ = 0.16'][2][2] == 'NaN@19' and drawn['text']['λ = 0.04'][0][2] == '99.4'
+
+
+def test_agc_study_optimizer_defaults():
+  """--optimizer=adamw: optimizer.name and decoupled weight decay 0.05 on every run, larger lambdas."""
+  d = agc_study.STUDY_DEFAULTS['adamw']
+  assert max(d['clippings']) == 0.64 and max(d['base_lrs']) == 0.01
+  runs = agc_study.make_study('/nonexistent', batch_sizes=(64,), base_lrs=d['base_lrs'][:1],
+                              clippings=(0.64,), fixed=d['fixed'], train_examples=1437)
+  assert [r.name for r in runs] == ['lr=0.001,bs=64,agc=off', 'lr=0.001,bs=64,agc=0.64']
+  config = sweep_grid.resolve_config(agc_study.CONFIG, runs[1].overrides)
+  assert config.optimizer.name == 'adamw' and config.optimizer.weight_decay == 0.05
+  assert config.optimizer.agc.clipping == 0.64 and config.optimizer.agc.enabled
+  assert agc_study.describe_optimizer(config.optimizer) == 'AdamW, decoupled weight decay 0.05'
+  sgd = sweep_grid.resolve_config(agc_study.CONFIG)
+  assert agc_study.describe_optimizer(sgd.optimizer) == 'SGD-Nesterov, L2 5e-05'
+  assert agc_study.STUDY_DEFAULTS['sgd']['fixed'] == {}  # the SGD study's run directories stay valid
 
 
 def test_agc_study_model_description_and_set_flag(tmp_path):
