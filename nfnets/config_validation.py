@@ -315,6 +315,11 @@ def _check_layout(config, process_count: int, local_devices: int, problems: List
       if mixing and config.dataset.name != 'fake' and micro * accum < 2:
         problems.append(f'batch_size={bs} gives {micro * accum} image(s) per device; MixUp/CutMix '
                         '(dataset.augment.mixup_alpha > 0 or cutmix=True) need at least 2')
+      rho, fraction = (_get(config, k) for k in ('optimizer.sam_rho', 'optimizer.sam_batch_fraction'))
+      if _is_num(rho) and rho > 0 and _is_num(fraction) and 0 < fraction <= 1 and int(fraction * micro) < 1:
+        problems.append(f'optimizer.sam_batch_fraction={fraction} leaves no example for SAM\'s ascent step '
+                        f'on a device of {micro} images (batch_size={bs}); accepted: at least '
+                        f'{1 / micro:.3g} here, or a larger batch_size')
   if _is_int(eval_bs) and eval_bs >= 1:
     try:
       check_batch_layout(eval_bs, 1, process_count, local_devices, field='eval_batch_size')

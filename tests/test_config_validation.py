@@ -74,6 +74,10 @@ BAD = [  # (field, bad value, part of the requirement)
     ('optimizer.min_lr', -0.1, '>= 0'),
     ('optimizer.agc.clipping', -0.01, '> 0'),
     ('optimizer.agc.eps', 0.0, '> 0'),
+    ('optimizer.name', 'rmsprop', "'sgd', 'adamw', 'lamb'"),
+    ('optimizer.sam_rho', -0.05, '>= 0'),
+    ('optimizer.sam_batch_fraction', 0.0, '(0, 1]'),
+    ('optimizer.sam_batch_fraction', 1.5, '(0, 1]'),
     ('dataset.name', 'imagenet20122', 'not a known dataset'),
     ('dataset.train_split', 'validation', "'train', 'test'"),
     ('dataset.image_size', 0, '>= 1'),
@@ -93,6 +97,16 @@ def test_each_bad_value_is_one_line_naming_field_and_value(field, value, require
   assert len(found) == 1, found
   assert found[0].startswith(f'{field}={value!r} ') and requirement in found[0], found[0]
   assert '\n' not in found[0]
+
+
+def test_sam_fraction_that_leaves_no_example_on_a_device():
+  config = _with(demo.get_config(), [('optimizer.sam_rho', 0.05), ('optimizer.sam_batch_fraction', 0.01),
+                                     ('batch_size', 64)])
+  with pytest.raises(cv.ConfigError, match=r'sam_batch_fraction=0.01 leaves no example .* device of 16 '
+                                           r'images .* at least 0.0625'):
+    cv.validate(config, process_count=1, local_devices=4)
+  config.optimizer.sam_batch_fraction = 0.0625   # one example of 16
+  cv.validate(config, process_count=1, local_devices=4)
 
 
 def test_all_problems_are_reported_together():
