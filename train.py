@@ -140,20 +140,19 @@ def main(argv):
   distributed.initialize(cluster, _INIT_TIMEOUT.value, _HEARTBEAT_TIMEOUT.value)
   config = _CONFIG.value
   try:
-    config_validation.validate(config, process_count=jax.process_count(),
-                               local_devices=jax.local_device_count())
     eval_sizes = [parse_size(s) for s in _EVAL_SIZES.value]
-    with distributed.exit_hard_on_error():
+    # The Experiment validates the whole config first thing, before any data is read or anything compiles.
+    with distributed.exit_hard_on_error(user_errors=config_validation.ConfigError):
       run(config, eval_sizes)
   except config_validation.ConfigError as e:
     user_error(e.problems)
 
 
 def run(config, eval_sizes=()):
+  xp = experiment.Experiment(config)  # validates the config first
   logging.info('JAX %s: process %d of %d, %d local device(s) of %d (%s)', jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.default_backend())
-  xp = experiment.Experiment(config)
   trainer = trainer_lib.Trainer(xp, _WORKDIR.value)
   if _MODE.value == 'eval':
     results = trainer.evaluate_checkpoint(eval_sizes)

@@ -182,11 +182,17 @@ def initialize(cluster: Cluster, initialization_timeout: int = 300, heartbeat_ti
 
 
 @contextlib.contextmanager
-def exit_hard_on_error():
+def exit_hard_on_error(user_errors=()):
   """In a multi-process run, an exception ends the process at once (after logging it) instead of
-  waiting in the runtime's shutdown barrier for peers that are blocked in a collective."""
+  waiting in the runtime's shutdown barrier for peers that are blocked in a collective. Exceptions of the
+  `user_errors` types end it with their message alone and exit status 2."""
   try:
     yield
+  except user_errors as e:
+    import jax  # pylint: disable=g-import-not-at-top
+    if jax.distributed.is_initialized():
+      _fatal('\n'.join(f'error: {line}' for line in str(e).splitlines()), 2)
+    raise
   except (KeyboardInterrupt, Exception):  # pylint: disable=broad-except
     import jax  # pylint: disable=g-import-not-at-top
     if jax.distributed.is_initialized():
