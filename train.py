@@ -32,7 +32,6 @@ from nfnets import console
 from nfnets import distributed
 from nfnets import trainer as trainer_lib
 
-USER_ERROR_EXIT = 2
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file, e.g. configs/f0.py.',
                                           lock_config=True)
@@ -53,11 +52,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def user_error(lines) -> None:
-  """Reports a user error as `error: <line>` lines on stderr and exits with status 2."""
-  for line in [lines] if isinstance(lines, str) else lines:
-    print(f'error: {line}', file=sys.stderr)
-  sys.stderr.flush()
-  sys.exit(USER_ERROR_EXIT)
+  """Reports a user error (`console.user_error`) and exits with its status."""
+  sys.exit(console.user_error(lines))
 
 
 def _config_arg(argv):

@@ -11,6 +11,7 @@ import tempfile
 
 from absl import logging
 
+USER_ERROR_EXIT = 2  # the exit status of every command on a user error (bad flag, value or file)
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # TensorFlow's import-time lines that are not INFO records themselves.
 _TF_INFO_PREFIXES = ('WARNING: All log messages before absl::InitializeLog()',
@@ -72,3 +73,15 @@ def import_tensorflow_quietly() -> None:
         if not (re.match(r'I\d{4} ', line) or line.startswith(_TF_INFO_PREFIXES)):
           sys.stderr.write(line)
       sys.stderr.flush()
+
+
+def user_error(problems) -> int:
+  """Prints a user error as `error: <line>` lines on stderr (one per problem, or the first line of an
+  exception's message) and returns the exit status for it, `USER_ERROR_EXIT`. No traceback."""
+  if isinstance(problems, BaseException):
+    text = str(problems).strip()
+    problems = [text.splitlines()[0] if text else type(problems).__name__]
+  for line in [problems] if isinstance(problems, str) else problems:
+    print(f'error: {line}', file=sys.stderr)
+  sys.stderr.flush()
+  return USER_ERROR_EXIT

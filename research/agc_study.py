@@ -25,10 +25,12 @@ from typing import Dict, List, Optional, Sequence
 from absl import app
 from absl import flags
 
+from nfnets import console
+
 from research import sweep_grid
 from research import sweep_runs
 from research import sweep_summary
-from research.agc_study_plot import AGC_OFF, agc_title, cell_label, plot_study  # pylint: disable=unused-import
+from research.agc_study_plot import AGC_OFF, cell_label, plot_study
 
 CONFIG = os.path.join(sweep_grid.REPO_ROOT, 'configs', 'agc_study.py')
 BATCH_SIZES = (64, 256, 1024)
@@ -299,8 +301,7 @@ def main(argv):
               clippings=[float(x) for x in _CLIP.value] if _CLIP.value else defaults['clippings'],
               epochs=_EPOCHS.value, fixed=fixed or None)
   except (sweep_grid.SweepError, OSError) as e:
-    print(f'agc_study: error: {e}', file=sys.stderr)
-    return 2
+    return console.user_error(e)
   return 0
 
 

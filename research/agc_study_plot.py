@@ -8,7 +8,7 @@ the study has three batch sizes and three LRs. A run whose loss became NaN/Inf i
 `plot_study` returns what it drew, read back from the figure's artists (panel titles, tick labels, cell
 texts, colour values), so a test can compare the picture with the rows it was given.
 """
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 

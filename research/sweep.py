@@ -16,6 +16,8 @@ import sys
 from absl import app
 from absl import flags
 
+from nfnets import console
+
 from research import sweep_grid
 from research import sweep_runs
 from research import sweep_summary
@@ -60,8 +62,7 @@ def main(argv):
     axes = [sweep_grid.parse_sweep_flag(s) for s in _SWEEP.value]
     runs = sweep_grid.make_runs(_CONFIG.value, _WORKDIR.value, sweep_grid.grid(*axes), fixed=_FIXED)
   except sweep_grid.SweepError as e:
-    print(f'research.sweep: error: {e}', file=sys.stderr)
-    return 2
+    return console.user_error(e)
   if _PRINT.value:
     for run in runs:
       state = sweep_runs.run_state(run)

@@ -35,6 +35,8 @@ Refused with `error: ...` and exit code 2 (nothing written): an existing --out o
 import json
 import os
 import sys
+
+from nfnets import console
 from typing import List, Optional
 
 PLATFORMS = ('cpu', 'cuda', 'tpu')
@@ -265,8 +267,7 @@ def main(argv):
     run(_WORKDIR.value or _INIT_FROM.value, _OUT.value, _MODEL.value, _NUM_CLASSES.value, _IMAGE_SIZE.value,
         _OVERWRITE.value, _SAVEDMODEL.value, _CLASSES.value, _PLATFORMS.value)
   except (ExportError, FileNotFoundError, ValueError, ImportError) as e:  # WeightsError is a ValueError
-    print(f'error: {one_line(e)}', file=sys.stderr)
-    return 2
+    return console.user_error(e)
   return 0
 
 

@@ -35,6 +35,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from nfnets import console
+
 REG_GRID = tuple(10.0 ** e for e in range(-6, 3))   # relative regulariser c (see the module docstring)
 HOLDOUT_FRACTION = 0.2
 
@@ -336,8 +338,7 @@ def main(argv):
     run(_CONFIG.value, _INIT_FROM.value, _MODEL.value, parse_shots(_SHOTS.value), _SEEDS.value,
         _BATCH_SIZE.value, _HOLDOUT.value, _CONV_IMPL.value)
   except (ProbeError, FileNotFoundError, ValueError, ImportError) as e:  # WeightsError is a ValueError
-    print(f'error: {str(e).splitlines()[0] if str(e) else type(e).__name__}', file=sys.stderr)
-    return 2
+    return console.user_error(e)
   return 0
 
 
