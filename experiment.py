@@ -4,8 +4,9 @@ This is the only module that knows models, data and optimizer together. Device c
 with pmap's semantics (a leading device axis on the state and batches, collectives over `AXIS`), and
 compiled one way for one process and for many (`nfnets.devices`). The train step is the paper's recipe in
 four lines: gradients averaged across devices (before AGC, so AGC sees the full batch), `tx.update` of the
-configured optax chain, `optax.apply_updates`, the EMA. The loop around it (checkpoints, logs,
-preemption) is `nfnets.trainer.Trainer`.
+configured optax chain, `optax.apply_updates`, the EMA. Before it, each device augments its uint8 batch
+(MixUp/CutMix, RandAugment, normalisation: `nfnets.data.device_augment`), so the host only decodes and
+resizes. The loop around it (checkpoints, logs, preemption) is `nfnets.trainer.Trainer`.
 """
 from typing import Dict, Iterator, Optional
 
@@ -23,8 +24,15 @@ from nfnets import devices as devices_lib
 from nfnets import memory
 from nfnets import optim
 from nfnets import param_groups
+from nfnets.data import device_augment
+from nfnets.data.normalize import normalize
 from nfnets.devices import AXIS, first_local
 from nfnets.train_state import TrainState
+
+# fold_in data for the augmentation key of a step: the micro-batch keys use 0..grad_accum_steps (the last one
+# SAM's), so a constant far above any accumulation count never gives the model and the augmentation one key.
+AUGMENT_STREAM = 0x41554755
+
 
 def soft_cross_entropy(logits, targets, label_smoothing: float):
   """Mean softmax cross-entropy on (possibly mixed) soft targets, after label smoothing."""
@@ -73,6 +81,7 @@ class Experiment:
                                         self.info.num_train_examples)
     self.optimizer = optimizer or optim.make_optimizer(config.optimizer, self.schedule)
     self.sam_examples = int(config.optimizer.sam_batch_fraction * self.micro_batch)
+    self.augment = self.train_augment()
     per_device = lambda fn, n, donate=(): devices_lib.map_per_device(fn, self.mesh, n, donate)
     # A train step is two programs: the gradients, then the optimizer (see `_optimizer_step`).
     self.jitted_train_step = (per_device(self._gradient_step, 2),
@@ -221,11 +230,18 @@ class Experiment:
     return optax.tree.add_scale(params, scale, g)
 
   def _gradient_step(self, state: TrainState, batch: Dict[str, jax.Array]):
-    """The first program of a train step: the gradient averaged over all devices, and the metrics."""
+    """The first program of a train step: the gradient averaged over all devices, and the metrics.
+
+    `batch`: uint8 `images` and int `labels` (nfnets.data.train_iterator). The whole device batch is
+    augmented first, then split into micro-batches, so accumulation sees the same examples as one big batch.
+    """
     cfg = self.config
     # A key per step and device (the device index runs over all processes' devices).
     step_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), jax.lax.axis_index(AXIS))
-    micro = jax.tree.map(lambda x: x.reshape((cfg.grad_accum_steps, -1) + x.shape[1:]), batch)
+    images, targets, hard = device_augment.augment_batch(
+        batch['images'], batch['labels'], jax.random.fold_in(step_rng, AUGMENT_STREAM), **self.augment)
+    examples = {'images': images, 'labels': targets, 'hard_labels': hard}
+    micro = jax.tree.map(lambda x: x.reshape((cfg.grad_accum_steps, -1) + x.shape[1:]), examples)
     at = state.params
     if cfg.optimizer.sam_rho:
       at = self._sam_point(state.params, micro, jax.random.fold_in(step_rng, cfg.grad_accum_steps))
@@ -263,12 +279,13 @@ class Experiment:
         bad_step=jnp.where((state.bad_step < 0) & ~finite, state.step, state.bad_step))
 
   def _eval_step(self, params, ema_params, batch):
-    """Sums over the global batch (psum) of correct top-1/top-5 and loss, for raw and EMA params. Top-5
-    is left out when the model has 5 classes or fewer, where it is always 100%."""
+    """Sums over the global batch (psum) of correct top-1/top-5 and loss, for raw and EMA params, on
+    eval crops in 0..255 (normalised here). Top-5 is left out when the model has 5 classes or fewer,
+    where it is always 100%."""
     mask = batch['mask']
     out = {'count': jax.lax.psum(jnp.sum(mask), AXIS)}
     for prefix, p in (('', params), ('ema_', ema_params)):
-      logits = self.net.apply(p, None, batch['images'], False).astype(jnp.float32)
+      logits = self.net.apply(p, None, normalize(batch['images']), False).astype(jnp.float32)
       labels = batch['labels']
       per_example = {'loss': optax.softmax_cross_entropy_with_integer_labels(logits, labels),
                      'top1': jnp.argmax(logits, -1) == labels}
@@ -304,13 +321,21 @@ class Experiment:
     return data_lib.prefetch_to_device(it, 2, sharding=self.sharding)
 
   def train_input(self) -> dict:
-    """What the train input needs from the model: image size, class count and RandAugment's layers and
-    magnitude (the config's, else the model's own policy; no layers when RandAugment is off)."""
-    aug = self.config.dataset.augment
+    """What the host train input needs from the model: image size and class count."""
+    return dict(image_size=self.image_size, num_classes=self.config.model.num_classes)
+
+  def train_augment(self) -> dict:
+    """`device_augment.augment_batch`'s settings, which the train step applies: the config's MixUp/CutMix
+    and RandAugment, with RandAugment's layers and magnitude the config's, else the model's own policy (no
+    layers when RandAugment is off). Fake data is not augmented (one-hot targets and normalisation only),
+    so a benchmark's step does what timm's does with ready tensors."""
+    aug, num_classes = self.config.dataset.augment, self.config.model.num_classes
+    if self.config.dataset.name == 'fake':
+      return dict(num_classes=num_classes)
     layers = aug.ra_layers if aug.ra_layers is not None else self.spec.ra_layers
     magnitude = aug.ra_magnitude if aug.ra_magnitude is not None else self.spec.ra_magnitude
-    return dict(image_size=self.image_size, num_classes=self.config.model.num_classes,
-                ra_layers=layers if aug.randaugment else 0, ra_magnitude=magnitude)
+    return dict(num_classes=num_classes, mixup_alpha=float(aug.mixup_alpha), cutmix=bool(aug.cutmix),
+                ra_layers=layers if aug.randaugment else 0, ra_magnitude=float(magnitude), ra_ops=aug.ra_ops)
 
   def evaluate(self, state: TrainState, image_size: Optional[int] = None) -> Dict[str, float]:
     """Loss, top-1 and top-5 over the whole eval split, for the raw and the EMA params, at `image_size`

@@ -32,10 +32,10 @@ _JSON = flags.DEFINE_string('json', None, 'Write the results here as JSON.')
 
 
 def _batch(n, per_device, size, num_classes, seed=0):
+  """A host train batch as the input pipeline gives it: uint8 images, int labels."""
   rng = np.random.default_rng(seed)
-  hard = rng.integers(0, num_classes, (n, per_device)).astype(np.int32)
-  return {'images': rng.standard_normal((n, per_device, size, size, 3)).astype(np.float32),
-          'labels': np.eye(num_classes, dtype=np.float32)[hard], 'hard_labels': hard}
+  return {'images': rng.integers(0, 256, (n, per_device, size, size, 3)).astype(np.uint8),
+          'labels': rng.integers(0, num_classes, (n, per_device)).astype(np.int32)}
 
 
 def main(argv):

@@ -5,6 +5,7 @@ import pytest
 
 import experiment
 from nfnets import trainer as trainer_lib
+from nfnets.data import normalize
 from configs import demo
 from nfnets.devices import first_local
 
@@ -32,15 +33,19 @@ def tiny_config(**kw):
   return c
 
 
-def fake_batch(n_devices, per_device, size=32, num_classes=10, seed=0):
+def fake_batch(n_devices, per_device, size=32, num_classes=10, seed=0, dtype=np.uint8):
+  """A host train batch as the input pipeline gives it: pixels 0..255 and int labels."""
   rng = np.random.default_rng(seed)
-  images = rng.normal(size=(n_devices * per_device, size, size, 3)).astype(np.float32)
-  hard = rng.integers(0, num_classes, size=n_devices * per_device).astype(np.int32)
-  labels = np.eye(num_classes, dtype=np.float32)[hard]
-  # Mixed soft targets, as MixUp produces.
-  labels = 0.7 * labels + 0.3 * np.roll(labels, 1, axis=0)
-  split = lambda x: x.reshape((n_devices, per_device) + x.shape[1:])
-  return {'images': split(images), 'labels': split(labels), 'hard_labels': split(hard)}
+  images = rng.integers(0, 256, size=(n_devices, per_device, size, size, 3)).astype(dtype)
+  labels = rng.integers(0, num_classes, size=(n_devices, per_device)).astype(np.int32)
+  return {'images': images, 'labels': labels}
+
+
+def loss_inputs(batch, device, num_classes=10):
+  """(normalised images, one-hot targets, labels) of one device's batch: what the step trains on when
+  nothing is augmented (the tiny config's digits recipe; test_device_augment checks that path)."""
+  labels = batch['labels'][device]
+  return normalize.normalize(batch['images'][device]), np.eye(num_classes, dtype=np.float32)[labels], labels
 
 
 def run_steps(xp, steps=2, seed=0):
@@ -95,9 +100,11 @@ def test_device_built_state_equals_host_built_state():
 
 
 def test_accumulation_equals_big_batch():
+  """With MixUp and CutMix on: the step augments the whole device batch, then splits it."""
   devices = jax.local_devices()[:2]
-  big = experiment.Experiment(tiny_config(), devices=devices)
-  acc = experiment.Experiment(tiny_config(grad_accum_steps=4), devices=devices)
+  mixing = {'dataset.augment.mixup_alpha': 0.2, 'dataset.augment.cutmix': True}
+  big = experiment.Experiment(tiny_config(**mixing), devices=devices)
+  acc = experiment.Experiment(tiny_config(grad_accum_steps=4, **mixing), devices=devices)
   assert acc.micro_batch * 4 == big.micro_batch == 8
   s_big, m_big = run_steps(big)
   s_acc, m_acc = run_steps(acc)
@@ -208,7 +215,7 @@ def test_eval_counts_every_example_for_raw_and_ema():
     labels, mask = batch['labels'].reshape(-1), batch['mask'].reshape(-1)
     count += mask.sum()
     for prefix, params in (('', host.params), ('ema_', host.ema_params)):
-      logits = np.asarray(xp.net.apply(params, None, images, False), np.float64)
+      logits = np.asarray(xp.net.apply(params, None, normalize.normalize(images), False), np.float64)
       log_p = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
           - logits.max(-1, keepdims=True)
       correct[prefix] += np.sum((logits.argmax(-1) == labels) * mask)

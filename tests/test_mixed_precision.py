@@ -5,7 +5,7 @@ import numpy as np
 
 import experiment
 from nfnets.devices import first_local
-from test_experiment import fake_batch, run_steps, tiny_config
+from test_experiment import fake_batch, loss_inputs, run_steps, tiny_config
 
 STEPS = 3
 
@@ -18,8 +18,7 @@ def test_bf16_forward_f32_state():
   xp = experiment.Experiment(tiny_config(dtype='bfloat16'), devices=jax.local_devices()[:1])
   b = fake_batch(1, xp.per_device_batch)
   params = first_local(xp.init_state()).params
-  jaxpr = str(jax.make_jaxpr(xp._loss)(params, b['images'][0], b['labels'][0], b['hard_labels'][0],
-                                       jax.random.PRNGKey(0)))
+  jaxpr = str(jax.make_jaxpr(xp._loss)(params, *loss_inputs(b, 0), jax.random.PRNGKey(0)))
   convs = [line for line in jaxpr.splitlines() if 'conv_general_dilated' in line]
   assert convs and all('bf16' in line for line in convs), convs[:3]   # the convolutions really run in bf16
   state, metrics = run_steps(xp, steps=1)

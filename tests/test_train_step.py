@@ -9,7 +9,7 @@ import pytest
 import experiment
 import nfnets
 from nfnets.devices import first_local
-from test_experiment import assert_trees_close, fake_batch, tiny_config
+from test_experiment import assert_trees_close, fake_batch, loss_inputs, tiny_config
 
 KEY = jax.random.PRNGKey(0)  # the tiny config has no stochastic depth or dropout: the key is unused
 
@@ -30,7 +30,7 @@ def test_any_optax_chain_trains_with_no_change_to_the_step():
   for seed in range(3):
     batch = fake_batch(1, xp.per_device_batch, seed=seed)
     state, _ = xp.train_step(state, xp.put(batch))
-    g = grad(params, batch['images'][0], batch['labels'][0], batch['hard_labels'][0])
+    g = grad(params, *loss_inputs(batch, 0))
     updates, opt_state = tx.update(g, opt_state, params)
     params = optax.apply_updates(params, updates)
   assert_trees_close(first_local(state.params), params, rtol=1e-5, atol=1e-6)
@@ -55,7 +55,7 @@ def test_sam_step_matches_the_papers_rule(num_devices):
   k = xp.sam_examples
   ascents, descents = [], []
   for d in range(num_devices):
-    x, y, h = batch['images'][d], batch['labels'][d], batch['hard_labels'][d]
+    x, y, h = loss_inputs(batch, d)
     g = grad(p0, x[:k], y[:k], h[:k])
     norm = np.sqrt(sum(np.sum(np.square(v)) for v in jax.tree.leaves(g)))
     perturbed = jax.tree.map(lambda p, v: p + rho * v / norm, p0, g)
@@ -76,9 +76,10 @@ def test_sam_step_matches_the_papers_rule(num_devices):
 
 def test_non_finite_step_keeps_every_leaf_and_records_the_step():
   xp = experiment.Experiment(tiny_config(), devices=jax.local_devices()[:2])
-  state, _ = xp.train_step(xp.init_state(), xp.put(fake_batch(2, xp.per_device_batch)))
+  # float pixels (the step takes them as it takes uint8), so that a NaN can be planted
+  state, _ = xp.train_step(xp.init_state(), xp.put(fake_batch(2, xp.per_device_batch, dtype=np.float32)))
   before = first_local(state)
-  batch = fake_batch(2, xp.per_device_batch, seed=1)
+  batch = fake_batch(2, xp.per_device_batch, seed=1, dtype=np.float32)
   batch['images'][1, 0, 0, 0, 0] = np.nan   # one pixel on one device poisons the averaged gradient
   after, metrics = xp.train_step(state, xp.put(batch))
   after = first_local(after)

@@ -222,15 +222,15 @@ def exported(workdir, tmp_path_factory):
 
 def test_export_reloads_without_the_repo_and_matches_predict(exported, workdir, tmp_path):
   import json  # pylint: disable=g-import-not-at-top
-  from nfnets.data import preprocess  # pylint: disable=g-import-not-at-top
+  from nfnets.data import normalize  # pylint: disable=g-import-not-at-top
   from tools import predict  # pylint: disable=g-import-not-at-top
   out, _ = exported
   with open(out + '.json') as f:
     meta = json.load(f)
   assert meta['model'] == 'nfnet_tiny' and meta['num_classes'] == 10 and meta['image_size'] == 32
   assert meta['resize_pad'] == 0 and meta['class_names'] == [str(i) for i in range(10)]
-  assert meta['normalization']['mean_rgb'] == list(preprocess.MEAN_RGB)
-  assert meta['normalization']['stddev_rgb'] == list(preprocess.STDDEV_RGB)
+  assert meta['normalization']['mean_rgb'] == list(normalize.MEAN_RGB)
+  assert meta['normalization']['stddev_rgb'] == list(normalize.STDDEV_RGB)
   crops = digit_crops(7)   # an odd batch: the batch dimension is symbolic
   np.save(tmp_path / 'images.npy', crops)
   (tmp_path / 'reader.py').write_text(READER)
@@ -240,19 +240,18 @@ def test_export_reloads_without_the_repo_and_matches_predict(exported, workdir, 
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.strip().splitlines()[-1] == '[]', proc.stdout   # only JAX was imported
   got = np.load(tmp_path / 'logits.npy')
-  want = predict.Predictor(workdir).logits(preprocess.normalize(crops).numpy())
+  want = predict.Predictor(workdir).logits(crops)   # both normalise inside
   assert got.shape == want.shape == (7, 10)
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
 
 def test_savedmodel_matches_predict(exported, workdir):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from nfnets.data import preprocess  # pylint: disable=g-import-not-at-top
   from tools import predict  # pylint: disable=g-import-not-at-top
   _, sm = exported
   crops = digit_crops(5)
   got = tf.saved_model.load(sm).signatures['serving_default'](images=tf.constant(crops))['logits'].numpy()
-  want = predict.Predictor(workdir).logits(preprocess.normalize(crops).numpy())
+  want = predict.Predictor(workdir).logits(crops)
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
 

@@ -10,8 +10,9 @@ The exported function takes float32 images [B, S, S, 3], RGB in 0..255, already 
 eval pipeline does (bicubic resize of the whole image to S + resize_pad, centre crop S: the reference code's
 `eval_preproc='resize_crop_32'`, deepmind-research/nfnets experiment_nfnets.py); B is symbolic (any batch
 size), S is the run's eval size, else the model's test size. Inside, it normalises with the ImageNet mean and
-std exactly as `nfnets.data.preprocess.normalize` ((x - 255 * mean) / (255 * std), float32) and returns the
-float32 logits [B, num_classes]. Grouped convs use XLA's native convolution, lowered for --platforms.
+std with `nfnets.data.normalize.normalize` ((x - 255 * mean) / (255 * std), float32), the function the train
+and eval steps and tools.predict use, and returns the float32 logits [B, num_classes]. Grouped convs use
+XLA's native convolution, lowered for --platforms.
 
 Reading it needs only JAX (no code from this repository):
 
@@ -147,9 +148,9 @@ def _dataset_class_names(ds: dict) -> Optional[List[str]]:
 # ---------------------------------------------------------------------------------------------------- export
 
 def normalisation():
-  """(mean, std) of the eval pipeline, 0..255 scale: the constants of `nfnets.data.preprocess.normalize`."""
-  from nfnets.data import preprocess  # pylint: disable=g-import-not-at-top
-  return tuple(preprocess.MEAN_RGB), tuple(preprocess.STDDEV_RGB)
+  """(mean, std) on the 0..255 scale: the constants of `nfnets.data.normalize.normalize`."""
+  from nfnets.data import normalize  # pylint: disable=g-import-not-at-top
+  return tuple(normalize.MEAN_RGB), tuple(normalize.STDDEV_RGB)
 
 
 def inference_fn(model: str, num_classes: int, params):
@@ -159,19 +160,15 @@ def inference_fn(model: str, num_classes: int, params):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from nfnets import registry  # pylint: disable=g-import-not-at-top
-  mean, std = (np.asarray(v, np.float32) for v in normalisation())
+  from nfnets.data.normalize import normalize  # pylint: disable=g-import-not-at-top
   net = hk.without_apply_rng(hk.transform(
       lambda x: registry.create_model(model, num_classes, conv_impl='xla')(x, is_training=False)))
   consts = jax.tree.map(np.asarray, params)
 
   def fn(images):
-    # As preprocess.normalize, rounded as TF rounds it: XLA turns a division by a broadcast into a product
-    # with the reciprocal (1 ulp off) and folds the baked-in weights' standardisation (another rounding
-    # than tools.predict's program); the barrier keeps both as computed at run time.
-    x = images.astype(jnp.float32)
-    p, m, s = jax.lax.optimization_barrier((consts, jnp.broadcast_to(mean, x.shape),
-                                            jnp.broadcast_to(std, x.shape)))
-    return net.apply(p, (x - m) / s).astype(jnp.float32)
+    # XLA would fold the baked-in weights' standardisation at compile time (another rounding than
+    # tools.predict's program, whose params are arguments); the barrier keeps it computed at run time.
+    return net.apply(jax.lax.optimization_barrier(consts), normalize(images)).astype(jnp.float32)
   return fn
 
 

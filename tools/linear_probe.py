@@ -9,8 +9,8 @@ parameter shapes; --model overrides). A workdir gives its latest EMA params (`nf
 
 Features: the `pre_logits` vector (the globally pooled final-conv activations the classifier reads) of every
 image of the train and eval splits, at config.dataset.eval_image_size (else the registry's test size) with
-the eval preprocessing only (`nfnets.data.preprocess.eval_image`: resize to S + pad, centre crop, ImageNet
-mean/std; no augmentation).
+the eval preprocessing only (`nfnets.data.preprocess.eval_image`: resize to S + pad, centre crop; then the
+ImageNet mean/std of `nfnets.data.normalize` inside the jitted model call; no augmentation).
 
 Classifier: ridge regression on one-hot targets, solved in closed form (an unpenalised intercept; the
 regulariser alpha = c * trace(Xc^T Xc) / d, so the grid of c is independent of the features' scale and of
@@ -64,13 +64,14 @@ def define_flags():
 # ---------------------------------------------------------------------------------------------------- features
 
 def feature_fn(model: str, num_classes: int, conv_impl: str = 'auto'):
-  """jitted (params, normalised images [B, S, S, 3]) -> float32 pre_logits [B, C]."""
+  """jitted (params, eval crops [B, S, S, 3] in 0..255) -> float32 pre_logits [B, C]; normalises inside."""
   import haiku as hk  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from nfnets import registry  # pylint: disable=g-import-not-at-top
+  from nfnets.data.normalize import normalize  # pylint: disable=g-import-not-at-top
   net = hk.without_apply_rng(hk.transform(lambda x: registry.create_model(
       model, num_classes, conv_impl=conv_impl)(x, is_training=False, return_features=True)[1]['pre_logits']))
-  return jax.jit(lambda p, x: net.apply(p, x).astype('float32'))
+  return jax.jit(lambda p, x: net.apply(p, normalize(x)).astype('float32'))
 
 
 def split_name(ds_config, which: str) -> str:
@@ -94,7 +95,7 @@ def open_split(ds_config, which: str):
 
 
 def batches(ds_config, which: str, image_size: int, batch_size: int) -> Tuple[int, Iterator[dict]]:
-  """(number of examples listed, iterator of {'images' (normalised), 'labels'} numpy batches), eval
+  """(number of examples listed, iterator of {'images' (0..255, not normalised), 'labels'} numpy batches), eval
   preprocessing as `nfnets.data.pipeline.eval_iterator`; undecodable images are dropped with a warning."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from nfnets.data import preprocess  # pylint: disable=g-import-not-at-top
@@ -103,7 +104,7 @@ def batches(ds_config, which: str, image_size: int, batch_size: int) -> Tuple[in
   def prep(ex):
     image = preprocess.eval_image(ex['image'], encoded=source.encoded, image_size=image_size,
                                   resize_pad=ds_config.eval_resize_pad)
-    return {'images': preprocess.normalize(image), 'labels': ex['label']}
+    return {'images': image, 'labels': ex['label']}
 
   ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors(log_warning=True)
   total = source.num_train if which == 'train' else source.num_eval

@@ -12,10 +12,10 @@ error that lists every mismatch.
 
 Preprocessing is the eval pipeline's (`nfnets.data.preprocess.eval_image`; the reference code's
 `eval_preproc='resize_crop_32'`, deepmind-research/nfnets experiment_nfnets.py): the whole image is
-resized (bicubic, aspect ratio not kept) to the test size + 32 and centre-cropped to the test size, then
-normalised with the ImageNet mean/std. A run's workdir supplies its own eval size and padding. JPEG, PNG,
-GIF and BMP are decoded by TensorFlow, other formats (WebP, TIFF, ...) through Pillow; grayscale and RGBA
-images become RGB.
+resized (bicubic, aspect ratio not kept) to the test size + 32 and centre-cropped to the test size; the
+model call normalises it with the ImageNet mean/std (`nfnets.data.normalize`). A run's workdir supplies its
+own eval size and padding. JPEG, PNG, GIF and BMP are decoded by TensorFlow, other formats (WebP, TIFF, ...)
+through Pillow; grayscale and RGBA images become RGB.
 
 Class names: a 1000-class model gets the ILSVRC-2012 names shipped in nfnets/imagenet_classes.txt
 (`synset<TAB>name` per line, in the standard index order); --classes=FILE gives names for any model, one per
@@ -119,16 +119,19 @@ class Predictor:
     name, n = self.model, self.num_classes
     net = hk.without_apply_rng(hk.transform(
         lambda x: registry.create_model(name, n, conv_impl=conv_impl)(x, is_training=False)))
-    self._probs = jax.jit(lambda p, x: jax.nn.softmax(net.apply(p, x).astype('float32'), axis=-1))
-    self._logits = jax.jit(lambda p, x: net.apply(p, x).astype('float32'))
+    from nfnets.data.normalize import normalize  # pylint: disable=g-import-not-at-top
+    logits = lambda p, x: net.apply(p, normalize(x)).astype('float32')
+    self._probs = jax.jit(lambda p, x: jax.nn.softmax(logits(p, x), axis=-1))
+    self._logits = jax.jit(logits)
 
   def logits(self, images):
-    """float32 logits [N, num_classes] for normalised images [N, S, S, 3]."""
+    """float32 logits [N, num_classes] for eval crops [N, S, S, 3] in 0..255 (`load_images`; normalised
+    inside, as the exported function of tools.export)."""
     import numpy as np  # pylint: disable=g-import-not-at-top
     return np.asarray(self._logits(self.params, images))
 
   def probabilities(self, images):
-    """Class probabilities [N, num_classes] for normalised images [N, S, S, 3]."""
+    """Class probabilities [N, num_classes] for eval crops [N, S, S, 3] in 0..255."""
     import numpy as np  # pylint: disable=g-import-not-at-top
     return np.asarray(self._probs(self.params, images))
 
@@ -158,7 +161,7 @@ def _decode_bytes(data: bytes, path: str):
 
 
 def load_images(paths: Sequence[str], image_size: int, resize_pad: int, skip_bad: bool = False):
-  """Normalised float32 [N, S, S, 3] crops of `paths` (eval preprocessing) and the paths kept.
+  """float32 [N, S, S, 3] crops of `paths` in 0..255 (eval preprocessing, not normalised) and the paths kept.
 
   Raises ImageError naming every missing or undecodable file, unless `skip_bad`, which warns and drops them.
   """
@@ -173,9 +176,8 @@ def load_images(paths: Sequence[str], image_size: int, resize_pad: int, skip_bad
       if not data:
         raise ImageError(f'{path}: empty file')
       encoded = _decode_bytes(data, path)
-      crop = preprocess.eval_image(tf.constant(encoded), encoded=True, image_size=image_size,
-                                   resize_pad=resize_pad)
-      images.append(preprocess.normalize(crop).numpy())
+      images.append(preprocess.eval_image(tf.constant(encoded), encoded=True, image_size=image_size,
+                                          resize_pad=resize_pad).numpy())
       kept.append(path)
     except FileNotFoundError:
       problems.append(f'{path}: no such file')

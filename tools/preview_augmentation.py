@@ -1,6 +1,10 @@
 """Writes a PNG grid of augmented training images, titled with their (mixed) targets.
 
   python -m tools.preview_augmentation --config=configs/demo.py --out=grid.png
+
+Shows what the model sees: a host batch (decode, crop, flip, resize) through the train step's device
+augmentation (`nfnets.data.device_augment.augment_batch`: MixUp/CutMix, RandAugment, normalisation) with the
+run's settings, un-normalised for display.
 """
 from absl import app, flags
 import jax
@@ -12,12 +16,12 @@ import numpy as np
 
 import experiment
 from nfnets import data
-from nfnets.data import preprocess
+from nfnets.data import device_augment, normalize
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.', lock_config=False)
 _OUT = flags.DEFINE_string('out', 'grid.png', 'PNG file to write.')
-_NUM = flags.DEFINE_integer('num', 16, 'Images to show (rounded up to a whole batch of 2 per device).')
-_SEED = flags.DEFINE_integer('seed', 0, 'Augmentation seed.')
+_NUM = flags.DEFINE_integer('num', 16, 'Images to show (rounded up to an even number: MixUp/CutMix pair them).')
+_SEED = flags.DEFINE_integer('seed', 0, 'Data and augmentation seed.')
 
 
 def title(target: np.ndarray) -> str:
@@ -31,16 +35,19 @@ def main(_):
   xp = experiment.Experiment(config, devices=jax.local_devices()[:1])
   batch = next(data.train_iterator(config.dataset, global_batch_size=num, num_local_devices=1, seed=_SEED.value,
                                    process_index=0, process_count=1, **xp.train_input()))
-  images = np.clip(batch['images'][0] * preprocess.STDDEV_RGB + preprocess.MEAN_RGB, 0, 255).astype(np.uint8)
+  augment = jax.jit(lambda x, y, k: device_augment.augment_batch(x, y, k, **xp.train_augment()))
+  images, targets, _ = augment(batch['images'][0], batch['labels'][0], jax.random.PRNGKey(_SEED.value))
+  pixels = np.asarray(images) * np.float32(normalize.STDDEV_RGB) + np.float32(normalize.MEAN_RGB)
+  pixels = np.clip(np.round(pixels), 0, 255).astype(np.uint8)
   cols = int(np.ceil(np.sqrt(num)))
   rows = int(np.ceil(num / cols))
   fig, axes = plt.subplots(rows, cols, figsize=(2 * cols, 2.2 * rows), squeeze=False)
   for ax in axes.ravel():
     ax.axis('off')
-  for ax, image, target in zip(axes.ravel(), images, batch['labels'][0]):
+  for ax, image, target in zip(axes.ravel(), pixels, np.asarray(targets)):
     ax.imshow(image)
     ax.set_title(title(target), fontsize=8)
-  fig.suptitle(f'{config.dataset.name} train batch (class:weight)', fontsize=10)
+  fig.suptitle(f'{config.dataset.name} train batch after the device augmentation (class:weight)', fontsize=10)
   fig.tight_layout()
   fig.savefig(_OUT.value, dpi=100)
   print(f'Wrote {num} images to {_OUT.value}')

@@ -1,7 +1,11 @@
 """Train and eval batch iterators: sharded per process, batched [local_devices, per_device, ...].
 
-Train (the reference code's dataset.py): shuffle -> crop/flip/resize -> MixUp/CutMix on 2x device batches -> RandAugment -> normalise.
-Eval (the reference code's resize_crop_32): square resize to S + pad, centre crop S, normalise; padded and masked to a common batch count.
+Train (the reference code's dataset.py, host part): shuffle -> decode, crop, flip, bicubic resize -> uint8,
+one decoded example per train image. MixUp/CutMix, RandAugment and normalisation follow on the device
+(nfnets.data.device_augment), so the host's work per image is the decode and the resize.
+Eval (the reference code's resize_crop_32): square resize to S + pad, centre crop S, float32 0..255 (not
+rounded: the released weights' accuracies are measured on these); padded and masked to a common batch count.
+The steps normalise on the device (nfnets.data.normalize).
 """
 import math
 from typing import Iterator, Optional, Tuple
@@ -12,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from nfnets.config_validation import check_batch_layout
-from nfnets.data import mix, preprocess, randaugment, sources
+from nfnets.data import preprocess, sources
 from nfnets.data.info import FAKE_NUM_CLASSES, FAKE_NUM_EVAL
 
 
@@ -61,10 +65,13 @@ class BatchIterator:
     return batch
 
 
-def train_iterator(ds_config, *, global_batch_size: int, image_size: int, num_classes: int, ra_layers: int,
-                   ra_magnitude: int, seed: int, num_local_devices: int, process_index: Optional[int] = None,
+def train_iterator(ds_config, *, global_batch_size: int, image_size: int, num_classes: int, seed: int,
+                   num_local_devices: int, process_index: Optional[int] = None,
                    process_count: Optional[int] = None) -> Iterator[dict]:
-  """Infinite per-process train batches: images, soft `labels` (rows sum to 1), int `hard_labels`."""
+  """Infinite per-process train batches: uint8 `images` [devices, per_device, S, S, 3], int32 `labels`.
+
+  MixUp/CutMix, RandAugment and normalisation run on the device (nfnets.data.device_augment).
+  """
   index, count = _process(process_index, process_count)
   bs = check_batch_layout(global_batch_size, 1, count, num_local_devices)
   aug = ds_config.augment
@@ -73,11 +80,6 @@ def train_iterator(ds_config, *, global_batch_size: int, image_size: int, num_cl
   source = sources.get_source(ds_config)
   if source.num_classes > num_classes:
     raise ValueError(f'{ds_config.name!r} has {source.num_classes} classes but the model has {num_classes}')
-  use_mix = aug.mixup_alpha > 0 or aug.cutmix
-  use_ra = aug.randaugment and ra_layers > 0
-  ra_ops = randaugment.check_ra_ops(aug.ra_ops)
-  if use_mix and bs < 2:
-    raise ValueError(f'MixUp/CutMix need at least 2 images per device, got {bs}')
 
   ds, num_invalid = source.train(index, count)
   ds = ds.shuffle(ds_config.shuffle_buffer, seed=seed * 1_000_003 + index, reshuffle_each_iteration=True)
@@ -87,36 +89,15 @@ def train_iterator(ds_config, *, global_batch_size: int, image_size: int, num_cl
     image = preprocess.train_image(
         ex['image'], _key(seed, index, 0, position), encoded=source.encoded, image_size=image_size,
         random_crop=aug.random_crop, crop_area_min=aug.crop_area_min, random_flip=aug.random_flip)
-    return position, {'image': image, 'label': ex['label']}
+    # Rounded, not truncated (unbiased): a quarter of the bytes to copy to the device, and RandAugment
+    # works on uint8 pixels anyway; bicubic overshoot beyond 0..255 is clipped.
+    pixels = tf.cast(tf.round(tf.clip_by_value(image, 0, 255)), tf.uint8)
+    return position, {'images': pixels, 'labels': tf.cast(ex['label'], tf.int32)}
 
   ds = ds.map(crop, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors(log_warning=True)
   # Positions run ahead of surviving elements by the number of decode failures so far.
   ds = ds.enumerate().map(lambda k, pe: dict(pe[1], skipped=pe[0] - k))
-
-  if use_mix:
-    def mix_fn(step, b):
-      images, soft, hard = mix.mix_batch(b['image'], b['label'], _key(seed, index, 1, step),
-                                         num_classes=num_classes, mixup_alpha=aug.mixup_alpha,
-                                         use_cutmix=aug.cutmix)
-      return {'images': images, 'labels': soft, 'hard_labels': hard,
-              'skipped': tf.fill([bs], tf.reduce_max(b['skipped']))}
-    ds = ds.batch(2 * bs, drop_remainder=True).enumerate().map(mix_fn, num_parallel_calls=tf.data.AUTOTUNE)
-  else:
-    ds = ds.batch(bs, drop_remainder=True).map(lambda b: {
-        'images': b['image'], 'labels': tf.one_hot(b['label'], num_classes), 'hard_labels': b['label'],
-        'skipped': b['skipped']})
-
-  if use_ra:
-    def ra_fn(i, ex):
-      # RandAugment runs on the mixed image (augment_before_mix=False): clip, uint8, augment, back to float.
-      pixels = tf.cast(tf.clip_by_value(ex['images'], 0, 255), tf.uint8)
-      pixels = randaugment.randaugment(pixels, _key(seed, index, 2, i), ra_layers, ra_magnitude, ra_ops)
-      return dict(ex, images=tf.cast(pixels, tf.float32))
-    ds = ds.unbatch().enumerate().map(ra_fn, num_parallel_calls=tf.data.AUTOTUNE).batch(bs)
-
-  ds = ds.map(lambda b: dict(b, images=preprocess.normalize(b['images']),
-                             hard_labels=tf.cast(b['hard_labels'], tf.int32)))
-  ds = ds.batch(num_local_devices, drop_remainder=True).prefetch(2)
+  ds = ds.batch(bs, drop_remainder=True).batch(num_local_devices, drop_remainder=True).prefetch(2)
   return BatchIterator(_options(ds).as_numpy_iterator(), num_invalid)
 
 
@@ -136,7 +117,7 @@ def eval_iterator(ds_config, *, global_batch_size: int, image_size: int, num_loc
   def prep(ex):
     image = preprocess.eval_image(ex['image'], encoded=source.encoded, image_size=image_size,
                                   resize_pad=ds_config.eval_resize_pad)
-    return {'images': preprocess.normalize(image), 'labels': ex['label'], 'mask': tf.constant(1.0)}
+    return {'images': image, 'labels': ex['label'], 'mask': tf.constant(1.0)}
 
   ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors(log_warning=True)
   pad = {'images': tf.zeros([image_size, image_size, 3]), 'labels': tf.constant(0, tf.int32),
@@ -158,15 +139,15 @@ def _counted_eval(batches, expected: int) -> Iterator[dict]:
 
 
 def _fake_train(bs, num_devices, image_size, num_classes, seed) -> Iterator[dict]:
-  """Random normalised images and one-hot labels, no augmentation: the input never limits a benchmark."""
+  """Random uint8 images and int labels; the step does not augment them (Experiment), so the input never
+  limits a benchmark."""
   rng = np.random.RandomState(seed)
-  images = [rng.standard_normal((num_devices, bs, image_size, image_size, 3)).astype(np.float32)
+  images = [rng.randint(0, 256, (num_devices, bs, image_size, image_size, 3)).astype(np.uint8)
             for _ in range(2)]
   step = 0
   while True:
-    hard = rng.randint(0, num_classes, (num_devices, bs)).astype(np.int32)
-    yield {'images': images[step % 2], 'labels': np.eye(num_classes, dtype=np.float32)[hard],
-           'hard_labels': hard, 'skipped': np.zeros(1, np.int64)}
+    labels = rng.randint(0, num_classes, (num_devices, bs)).astype(np.int32)
+    yield {'images': images[step % 2], 'labels': labels, 'skipped': np.zeros(1, np.int64)}
     step += 1
 
 
@@ -176,7 +157,7 @@ def _fake_eval(bs, num_devices, image_size, index, count) -> Iterator[dict]:
   per_process = bs * num_devices
   num_batches = math.ceil(max(e - s for s, e in sizes) / per_process)
   rng = np.random.RandomState(index)
-  images = rng.standard_normal((num_devices, bs, image_size, image_size, 3)).astype(np.float32)
+  images = rng.uniform(0, 255, (num_devices, bs, image_size, image_size, 3)).astype(np.float32)
   for b in range(num_batches):
     mask = (np.arange(b * per_process, (b + 1) * per_process) < n).astype(np.float32)
     yield {'images': images, 'labels': rng.randint(0, FAKE_NUM_CLASSES, (num_devices, bs)).astype(np.int32),

@@ -1,17 +1,12 @@
 """Per-example train and eval preprocessing (the reference code's dataset.py; paper App. A), in TF so it runs inside tf.data.
 
 Randomness is stateless: every function takes a `key` (int64 [2]), so a seed fixes every crop and flip.
-Outputs are float32 in the 0..255 range, not clamped (bicubic overshoots, as in the reference).
+Outputs are float32 in the 0..255 range, not clamped (bicubic overshoots, as in the reference); the
+normalisation is applied on the device (nfnets.data.normalize).
 """
 import tensorflow as tf
 
-MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 CENTER_CROP_PAD = 32   # the fallback crop keeps S / (S + 32) of the shorter side, as the reference
-
-
-def normalize(images: tf.Tensor) -> tf.Tensor:
-  return (images - tf.constant(MEAN_RGB)) / tf.constant(STDDEV_RGB)
 
 
 def center_crop_window(shape: tf.Tensor, image_size: int) -> tf.Tensor:
