@@ -330,10 +330,9 @@ def _check_layout(config, process_count: int, local_devices: int, problems: List
 def _check_ra_ops(config, problems: List[str]) -> None:
   ra_ops = _get(config, 'dataset.augment.ra_ops')
   if ra_ops is _MISSING or config.dataset.get('name') == 'fake':
-    return                    # fake data is not augmented (and must not import TensorFlow)
-  from nfnets.data import randaugment  # pylint: disable=g-import-not-at-top (imports TensorFlow)
-  options = getattr(randaugment, 'RA_OPS', None)
-  if options is not None and ra_ops not in options:
+    return                    # fake data is not augmented
+  from nfnets.data.randaugment_jax import RA_OPS as options  # pylint: disable=g-import-not-at-top
+  if ra_ops not in options:
     problems.append(f'dataset.augment.ra_ops={ra_ops!r} must be one of {", ".join(map(repr, options))}')
 
 

@@ -87,6 +87,7 @@ BAD = [  # (field, bad value, part of the requirement)
     ('dataset.augment.mixup_alpha', -0.2, '>= 0'),
     ('dataset.augment.ra_layers', -1, '>= 0'),
     ('dataset.augment.ra_magnitude', 31, '[0, 30]'),
+    ('dataset.augment.ra_ops', 'tf', "'reference', 'pil'"),
     ('init_from', '/nonexistent/F0_haiku.npz', 'does not exist'),
 ]
 

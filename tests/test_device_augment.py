@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from nfnets.data import device_augment, mix, normalize
+from nfnets.data import device_augment, mix, normalize, randaugment_jax
 
 KEY = jax.random.PRNGKey(7)
 
@@ -26,6 +26,10 @@ def test_each_output_mixes_its_image_with_the_partner(n, alpha, cutmix):
   out, soft, hard = np.asarray(out), np.asarray(soft), np.asarray(hard)
   np.testing.assert_array_equal(hard, labels)
   num_mixup = (n // 2 if cutmix else n) if alpha > 0 else 0   # the reference's split
+  ratios = soft[np.arange(n), np.arange(n)]
+  # Real blends at this key (a ratio of 0 or 1 would pass the checks below with any partner).
+  for part in (ratios[:num_mixup], ratios[num_mixup:]):
+    assert not part.size or ((0.01 < part) & (part < 0.99)).any(), ratios
   for i in range(n):
     p = (i + n // 2) % n
     assert p != i
@@ -118,7 +122,6 @@ def test_augmentation_is_a_function_of_the_key_and_needs_two_images():
 def test_randaugment_runs_on_the_truncated_mixed_image():
   """Order of the reference (augment_before_mix=False): mix the float pixels, clip and truncate to uint8,
   RandAugment, normalise."""
-  randaugment_jax = pytest.importorskip('nfnets.data.randaugment_jax')
   images = np.random.RandomState(1).randint(0, 256, (4, 8, 8, 3)).astype(np.uint8)
   labels = np.arange(4, dtype=np.int32)
   settings = dict(mixup_alpha=0.3, cutmix=True)

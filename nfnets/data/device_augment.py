@@ -11,7 +11,7 @@ per-image TF ops from the host, which were most of its work.
 import jax
 import jax.numpy as jnp
 
-from nfnets.data import mix
+from nfnets.data import mix, randaugment_jax
 from nfnets.data.normalize import normalize
 
 
@@ -37,7 +37,6 @@ def augment_batch(images, labels, key, *, num_classes: int, mixup_alpha: float =
   else:
     targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
   if ra_layers > 0:
-    from nfnets.data import randaugment_jax  # pylint: disable=g-import-not-at-top
     pixels = jnp.clip(x, 0, 255).astype(jnp.uint8)
     x = randaugment_jax.randaugment(pixels, ra_key, ra_layers, ra_magnitude, ra_ops).astype(jnp.float32)
   return normalize(x), targets, labels
