@@ -100,9 +100,12 @@ def test_device_built_state_equals_host_built_state():
 
 
 def test_accumulation_equals_big_batch():
-  """With MixUp and CutMix on: the step augments the whole device batch, then splits it."""
+  """With the F0 recipe's MixUp, CutMix and RandAugment on: the step augments the whole device batch, then
+  splits it."""
   devices = jax.local_devices()[:2]
-  mixing = {'dataset.augment.mixup_alpha': 0.2, 'dataset.augment.cutmix': True}
+  mixing = {'dataset.augment.mixup_alpha': 0.2, 'dataset.augment.cutmix': True,
+            'dataset.augment.randaugment': True, 'dataset.augment.ra_layers': 2,
+            'dataset.augment.ra_magnitude': 5}
   big = experiment.Experiment(tiny_config(**mixing), devices=devices)
   acc = experiment.Experiment(tiny_config(grad_accum_steps=4, **mixing), devices=devices)
   assert acc.micro_batch * 4 == big.micro_batch == 8
