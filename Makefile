@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # Tests run on the CPU with 4 simulated devices so multi-device code paths are exercised.
-TEST_ENV := JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=4 TF_CPP_MIN_LOG_LEVEL=2
+TEST_ENV := JAX_PLATFORMS=cpu NFNETS_TUNING=off XLA_FLAGS=--xla_force_host_platform_device_count=4 TF_CPP_MIN_LOG_LEVEL=2
 
 .PHONY: venv test demo bench clean
 

@@ -36,6 +36,7 @@ import experiment
 import nfnets
 from nfnets import conv as conv_lib
 from nfnets import memory
+from nfnets import tuning
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/f0.py', 'A config file from configs/.')
 _VARIANT = flags.DEFINE_string('variant', 'auto',
@@ -171,6 +172,19 @@ class Runner:
     return time.perf_counter() - t
 
 
+def tuning_report() -> dict:
+  """The op implementations measured and chosen in this process (see nfnets/tuning.py), with a count of
+  each choice per op: e.g. {'conv_kernel_grad': {'split': 9, 'matmul': 12}}."""
+  choices = tuning.used_choices()
+  summary = {}
+  for key, entry in choices.items():
+    op = key.split(' ', 1)[0]
+    summary.setdefault(op, {}).setdefault(entry['choice'], 0)
+    summary[op][entry['choice']] += 1
+  return {'enabled': tuning.enabled(), 'cache': tuning.cache_path(), 'fingerprint': tuning.fingerprint(),
+          'summary': summary, 'choices': choices}
+
+
 def run(config, variants, mode='train', batch_size=8, resolution=None, dtype='float32', steps=5,
         warmup=1, remat=None, peak_matmul_n=2048, log=print, cpu_memory_scheduler=None):
   """Benchmarks each variant; returns one result dict per variant (keys as documented in the module)."""
@@ -191,6 +205,9 @@ def run(config, variants, mode='train', batch_size=8, resolution=None, dtype='fl
     for r in runners:
       r.times.append(r.step())
   peak = measure_matmul_peak(jnp.dtype(dtype), peak_matmul_n)
+  # bf16 is only worth a lowering where the CPU's matmul runs faster in it (AVX-512 BF16 / AMX in use).
+  peaks = {d: measure_matmul_peak(jnp.dtype(d), peak_matmul_n) for d in ('float32', 'bfloat16')}
+  tuned = tuning_report()
   rss = memory.peak_rss_bytes()
   results = []
   for r in runners:
@@ -215,6 +232,7 @@ def run(config, variants, mode='train', batch_size=8, resolution=None, dtype='fl
         'step_cpu_time_s': statistics.median(r.cpu_times[-steps:]),
         'flops_per_image': flops_per_image, 'flops_per_sec': ips * flops_per_image,
         'peak_flops_per_sec': peak, 'mfu': ips * flops_per_image / peak,
+        'matmul_peak_flops_per_sec': peaks, 'tuning': tuned,
         'peak_memory_bytes': rss, 'xla_memory_bytes': r.xla_memory_bytes,
     })
   return results
@@ -237,6 +255,12 @@ def main(argv):
           f"({r['forward_images_per_sec']:.2f} forward passes/s), {r['flops_per_sec'] / 1e9:.1f} GFLOP/s, "
           f"MFU {r['mfu']:.1%} of {r['peak_flops_per_sec'] / 1e9:.0f} GFLOP/s matmul, peak RSS "
           f"{r['peak_memory_bytes'] / 2**30:.2f} GiB, XLA estimate {r['xla_memory_bytes'] / 2**30:.2f} GiB")
+  tuned = results[0]['tuning']
+  if tuned['summary']:
+    print('measured choices (nfnets/tuning.py): ' + '; '.join(
+        f"{op} {dict(sorted(c.items()))}" for op, c in sorted(tuned['summary'].items())))
+  peaks = results[0]['matmul_peak_flops_per_sec']
+  print(f"matmul peak: float32 {peaks['float32'] / 1e9:.0f}, bfloat16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s")
   if len(results) > 1:
     base = results[0]
     for r in results[1:]:

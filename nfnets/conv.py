@@ -1,4 +1,4 @@
-"""Lowerings of a (possibly grouped) NHWC/HWIO 2-D convolution, chosen per backend.
+"""Lowerings of a (possibly grouped) NHWC/HWIO 2-D convolution, chosen per backend and, on CPU, measured.
 
 Every lowering computes the same function as `lax.conv_general_dilated(..., feature_group_count=groups)`;
 they differ only in speed:
@@ -8,31 +8,40 @@ they differ only in speed:
   'matmul'  1x1 convolutions as a matmul (einsum); k x k convolutions as in 'split'.
   'tapgrad' as 'matmul', but the kernel gradient of k x k convolutions is a sum over the k*k taps of
             (strided slice of the input)^T @ (output gradient) matmuls (custom VJP).
-  'auto'    the fastest for `jax.default_backend()`: 'matmul' on CPU, 'xla' elsewhere.
+  'auto'    'xla' on GPU/TPU. On CPU, each direction of each convolution shape (the forward, the input
+            gradient, the kernel gradient) gets its own lowering, the fastest on this machine as
+            `nfnets.tuning` measured it (cached per CPU model and JAX version): candidates are XLA's
+            convolution, one convolution per group, matmuls for 1x1 convolutions, and for dense k x k
+            convolutions im2col matmuls (patches @ kernel, patches^T @ output gradient) and the tap sum.
 
-XLA:CPU runs the backward pass of grouped convolutions ~10x slower than the same work as dense
-convolutions, and its kernel gradient of dense k x k convolutions at 22-110 GFLOP/s against ~150 for a
-matmul; 'matmul' avoids the first and the 1x1 convolutions' overhead (benchmarks/conv_layers.py measures every F0 conv shape).
+Why measure: XLA:CPU runs the backward pass of grouped convolutions ~10x slower than the same work as
+dense convolutions, and the best form of a kernel gradient changes with the CPU and the XLA version
+(benchmarks/conv_layers.py measures every F0 convolution under each lowering).
 """
 import functools
+from typing import Callable, Dict, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from nfnets import tuning
 
 IMPLS = ('auto', 'xla', 'split', 'matmul', 'tapgrad')
 _DIMS = ('NHWC', 'HWIO', 'NHWC')
+# Below this many multiply-adds a convolution takes microseconds whichever way it is lowered: measuring
+# it would cost more than it could save, so it gets the default lowering.
+MIN_TUNED_MACS = 2 ** 24
 
 
 def resolve_impl(impl: str, groups: int = 1) -> str:
-  """Maps 'auto' to the fastest lowering for the default backend."""
-  del groups  # the CPU choice is the same for grouped and dense convolutions
+  """Maps 'auto' to the lowering for the default backend: 'tuned' (measured per direction) on CPU."""
+  del groups  # the CPU choice is made per shape, grouped or not
   if impl not in IMPLS:
     raise ValueError(f'Unknown conv_impl {impl!r}; accepted: {IMPLS}')
   if impl != 'auto':
     return impl
-  if jax.default_backend() == 'cpu':
-    return 'matmul'
-  return 'xla'
+  return 'tuned' if jax.default_backend() == 'cpu' else 'xla'
 
 
 def _dense(x, w, stride, padding, groups=1):
@@ -81,6 +90,147 @@ def _conv1x1(x, w, stride, padding, groups):
   return _grouped_matmul(x, w[0, 0], groups)
 
 
+def _patches(x, kh, kw, stride, padding):
+  """[N, Ho, Wo, C*kh*kw] im2col patches; the feature index is (c, i, j), c major."""
+  return jax.lax.conv_general_dilated_patches(x, (kh, kw), (stride, stride), padding, dimension_numbers=_DIMS)
+
+
+def _im2col(x, w, stride, padding):
+  """A dense k x k convolution as one matmul of im2col patches with the kernel."""
+  kh, kw, ci, co = w.shape
+  w2 = jnp.transpose(w, (2, 0, 1, 3)).reshape(ci * kh * kw, co)
+  return jnp.einsum('nhwk,kd->nhwd', _patches(x, kh, kw, stride, padding), w2)
+
+
+def _kernel_grad_im2col(x, dy, w_shape, stride, padding):
+  """Kernel gradient of a dense k x k convolution: patches^T @ output gradient, one matmul."""
+  kh, kw, ci, co = w_shape
+  dw = jnp.einsum('nhwk,nhwd->kd', _patches(x, kh, kw, stride, padding), dy)
+  return jnp.transpose(dw.reshape(ci, kh, kw, co), (1, 2, 0, 3))
+
+
+def _kernel_grad_taps(x, dy, w_shape, stride, padding, groups):
+  """Kernel gradient as a sum over the k*k taps of (strided input slice)^T @ (output gradient)."""
+  kh, kw, ci, co = w_shape
+  _, ho, wo, _ = dy.shape
+  (ph0, ph1), (pw0, pw1) = (_pads(x.shape[1], kh, stride, padding),
+                            _pads(x.shape[2], kw, stride, padding))
+  xp = jnp.pad(x, ((0, 0), (ph0, ph1), (pw0, pw1), (0, 0)))
+  dyg = dy.reshape(dy.shape[:-1] + (groups, co // groups))
+  taps = []
+  for i in range(kh):
+    for j in range(kw):
+      xs = xp[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride, :]
+      xs = xs.reshape(xs.shape[:-1] + (groups, ci))
+      # (G, Ci, Co/G) -> (Ci, G * Co/G): output channel g*Co/G + d belongs to group g.
+      taps.append(jnp.einsum('nhwgc,nhwgd->cgd', xs, dyg).reshape(ci, co))
+  return jnp.stack(taps).reshape(kh, kw, ci, co)
+
+
+class ConvShape(NamedTuple):
+  """What a lowering's speed depends on: shapes, stride, padding, groups and dtype."""
+  x: tuple
+  w: tuple
+  stride: int
+  padding: str
+  groups: int
+  dtype: str
+
+  @property
+  def key(self) -> str:
+    return (f"x{'x'.join(map(str, self.x))} k{self.w[0]}x{self.w[1]} {self.w[2]}->{self.w[3]} "
+            f"s{self.stride} {self.padding} g{self.groups} {self.dtype}")
+
+  @property
+  def y(self) -> tuple:
+    n, h, w_, _ = self.x
+    kh, kw = self.w[:2]
+    if self.padding == 'SAME':
+      return (n, -(-h // self.stride), -(-w_ // self.stride), self.w[3])
+    return (n, (h - kh) // self.stride + 1, (w_ - kw) // self.stride + 1, self.w[3])
+
+  @property
+  def macs(self) -> int:
+    return int(np.prod(self.y)) * int(np.prod(self.w[:3]))
+
+  @property
+  def is_1x1(self) -> bool:
+    return tuple(self.w[:2]) == (1, 1)
+
+
+def _forward_lowerings(s: ConvShape) -> Dict[str, Callable]:
+  """name -> f(x, w), each the same convolution."""
+  c = {'xla': lambda x, w: _dense(x, w, s.stride, s.padding, s.groups)}
+  if s.groups > 1:
+    c['split'] = lambda x, w: _split(x, w, s.stride, s.padding, s.groups)
+  if s.is_1x1:
+    c['matmul'] = lambda x, w: _conv1x1(x, w, s.stride, s.padding, s.groups)
+  elif s.groups == 1 and s.padding in ('SAME', 'VALID'):
+    c['im2col'] = lambda x, w: _im2col(x, w, s.stride, s.padding)
+  return c
+
+
+def _vjp_of(forward: Callable, wrt: int) -> Callable:
+  """The input (wrt=0) or kernel (wrt=1) gradient f(x, w, dy) of a lowering. (XLA drops the unused
+  forward; taking the VJP at the real x and w keeps their sharding types inside shard_map.)"""
+  return lambda x, w, dy: jax.vjp(forward, x, w)[1](dy)[wrt]
+
+
+def _input_grad_lowerings(s: ConvShape) -> Dict[str, Callable]:
+  """name -> f(x, w, dy) = d(sum(y * dy))/dx."""
+  return {name: _vjp_of(f, 0) for name, f in _forward_lowerings(s).items() if name != 'im2col'}
+
+
+def _kernel_grad_lowerings(s: ConvShape) -> Dict[str, Callable]:
+  """name -> f(x, w, dy) = d(sum(y * dy))/dw."""
+  c = {name: _vjp_of(f, 1) for name, f in _forward_lowerings(s).items() if name != 'im2col'}
+  if not s.is_1x1 and s.padding in ('SAME', 'VALID'):
+    c['taps'] = lambda x, w, dy: _kernel_grad_taps(x, dy, s.w, s.stride, s.padding, s.groups)
+    if s.groups == 1:
+      c['im2col'] = lambda x, w, dy: _kernel_grad_im2col(x, dy, s.w, s.stride, s.padding)
+  return c
+
+
+def _default(s: ConvShape) -> str:
+  """The untuned choice: matmuls for 1x1, per-group convolutions for grouped k x k, else XLA's conv."""
+  return 'matmul' if s.is_1x1 else 'split' if s.groups > 1 else 'xla'
+
+
+def _choose(direction: str, s: ConvShape, candidates: Dict[str, Callable], arg_shapes) -> Callable:
+  default = _default(s)
+  if s.macs < MIN_TUNED_MACS:
+    return candidates[default]
+  dtype = np.dtype(s.dtype) if s.dtype != 'bfloat16' else jnp.bfloat16
+  name = tuning.choose(f'conv_{direction}', s.key, candidates,
+                       lambda: tuning.random_args(*[(shape, dtype) for shape in arg_shapes]), default)
+  return candidates[name]
+
+
+def _shape_of(x, w, stride, padding, groups) -> ConvShape:
+  return ConvShape(tuple(x.shape), tuple(w.shape), stride, padding, groups, jnp.dtype(x.dtype).name)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_tuned(x, w, stride, padding, groups):
+  s = _shape_of(x, w, stride, padding, groups)
+  return _choose('forward', s, _forward_lowerings(s), (s.x, s.w))(x, w)
+
+
+def _conv_tuned_fwd(x, w, stride, padding, groups):
+  return _conv_tuned(x, w, stride, padding, groups), (x, w)
+
+
+def _conv_tuned_bwd(stride, padding, groups, res, dy):
+  x, w = res
+  s = _shape_of(x, w, stride, padding, groups)
+  dx = _choose('input_grad', s, _input_grad_lowerings(s), (s.x, s.w, s.y))(x, w, dy)
+  dw = _choose('kernel_grad', s, _kernel_grad_lowerings(s), (s.x, s.w, s.y))(x, w, dy)
+  return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_conv_tuned.defvjp(_conv_tuned_fwd, _conv_tuned_bwd)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _conv_tapgrad(x, w, stride, padding, groups):
   return _split(x, w, stride, padding, groups)
@@ -94,22 +244,7 @@ def _conv_tapgrad_bwd(stride, padding, groups, res, dy):
   x, w = res
   _, x_vjp = jax.vjp(lambda x_: _split(x_, w, stride, padding, groups), x)
   (dx,) = x_vjp(dy)
-  kh, kw, ci, co = w.shape
-  _, ho, wo, _ = dy.shape
-  (ph0, ph1), (pw0, pw1) = (_pads(x.shape[1], kh, stride, padding),
-                            _pads(x.shape[2], kw, stride, padding))
-  xp = jnp.pad(x, ((0, 0), (ph0, ph1), (pw0, pw1), (0, 0)))
-  cog = co // groups
-  dyg = dy.reshape(dy.shape[:-1] + (groups, cog))
-  taps = []
-  for i in range(kh):
-    for j in range(kw):
-      xs = xp[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride, :]
-      xs = xs.reshape(xs.shape[:-1] + (groups, ci))
-      # (G, Ci, Co/G) -> (Ci, G * Co/G): output channel g*Co/G + d belongs to group g.
-      t = jnp.einsum('nhwgc,nhwgd->cgd', xs, dyg)
-      taps.append(t.reshape(ci, co))
-  dw = jnp.stack(taps).reshape(kh, kw, ci, co)
+  dw = _kernel_grad_taps(x, dy, w.shape, stride, padding, groups)
   return dx, dw.astype(w.dtype)
 
 
@@ -120,6 +255,8 @@ def conv2d(x: jax.Array, w: jax.Array, stride: int = 1, padding: str = 'SAME', g
            impl: str = 'auto') -> jax.Array:
   """NHWC convolution with an HWIO kernel of shape (kh, kw, C_in // groups, C_out)."""
   impl = resolve_impl(impl, groups)
+  if impl == 'tuned':
+    return _conv_tuned(x, w, stride, padding, groups)
   if impl == 'xla':
     return _dense(x, w, stride, padding, groups)
   if impl == 'split':

@@ -3,6 +3,10 @@ import os
 
 import jax
 
+# Op implementations are not measured in tests (nfnets.tuning): every run takes the same numerical path.
+# tests/test_tuning.py turns measuring on where it is the subject.
+os.environ.setdefault('NFNETS_TUNING', 'off')
+
 jax.config.update('jax_compilation_cache_dir',
                   os.path.join(os.path.dirname(__file__), '..', '.pytest_cache', 'jax_cache'))
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)

@@ -5,11 +5,13 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from benchmarks import bench
 from configs import demo
 from nfnets import memory
+from nfnets import tuning
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ('images_per_sec', 'step_time_s', 'compile_time_s', 'flops_per_sec', 'mfu', 'peak_memory_bytes')
@@ -33,6 +35,18 @@ def test_bench_cli_writes_json(tmp_path, mode):
   assert 0 < r['mfu'] < 2            # a rough denominator, but not off by orders of magnitude
   assert 100e6 < r['peak_memory_bytes'] < 16e9
   assert r['xla_memory_bytes'] > 0
+  assert r['tuning']['enabled'] is False   # the tests run with NFNETS_TUNING=off
+  assert r['tuning']['fingerprint']['jax'] == jax.__version__
+  assert all(r['matmul_peak_flops_per_sec'][d] > 0 for d in ('float32', 'bfloat16'))
+
+
+def test_tuning_report_counts_the_choices_per_op(monkeypatch):
+  monkeypatch.setattr(tuning, '_used', {
+      'conv_forward a': {'choice': 'xla', 'ms': {}}, 'conv_forward b': {'choice': 'split', 'ms': {}},
+      'conv_forward c': {'choice': 'xla', 'ms': {}}, 'conv_kernel_grad a': {'choice': 'taps', 'ms': {}}})
+  report = bench.tuning_report()
+  assert report['summary'] == {'conv_forward': {'xla': 2, 'split': 1}, 'conv_kernel_grad': {'taps': 1}}
+  assert set(report['choices']) == set(tuning._used)
 
 
 def test_does_not_fit_names_the_memory_needed():

@@ -57,7 +57,7 @@ def test_lowering_matches_grouped_conv(impl, shape):
 
 
 def test_auto_resolves_per_backend(monkeypatch):
-  assert conv.resolve_impl('auto', 6) == 'matmul'   # tests run on the CPU
+  assert conv.resolve_impl('auto', 6) == 'tuned'   # tests run on the CPU
   assert conv.resolve_impl('split', 6) == 'split'   # an explicit choice is kept
   for backend in ('gpu', 'tpu'):
     monkeypatch.setattr(jax, 'default_backend', lambda b=backend: b)
