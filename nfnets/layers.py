@@ -66,14 +66,15 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
 
 def standardize_weight(w: jax.Array, gain: jax.Array, eps: float = 1e-4) -> jax.Array:
   """Scaled weight standardisation: gain * (w - mean) / sqrt(max(fan_in * var, eps)) per output unit."""
-  fan_in = 1
-  for d in w.shape[:-1]:
-    fan_in *= d
-  mean = jnp.mean(w, axis=tuple(range(w.ndim - 1)), keepdims=True)
-  var = jnp.var(w, axis=tuple(range(w.ndim - 1)), keepdims=True)
+  # As a [fan_in, out] matrix: XLA:CPU reduces over, and broadcasts along, the leading axes of a 4-D kernel
+  # (and differentiates that) up to 10x slower than over the rows of the same matrix (1x1 kernels worst).
+  fan_in = math.prod(w.shape[:-1])
+  w2 = w.reshape(fan_in, w.shape[-1])
+  mean = jnp.mean(w2, axis=0)
+  var = jnp.var(w2, axis=0)
   scale = jax.lax.rsqrt(jnp.maximum(var * fan_in, eps)) * gain
   # Same arithmetic order as the reference (w*scale - mean*scale), for bit-level parity.
-  return w * scale - mean * scale
+  return (w2 * scale - mean * scale).reshape(w.shape)
 
 
 class WSConv2D(hk.Module):

@@ -326,16 +326,18 @@ def test_signal_propagation_follows_beta_rule():
   assert var.max() < 1.2 and np.asarray(metrics['avg_sq_mean']).max() < 0.05
 
 
-def test_ws_conv_standardises_weights():
-  w = jax.random.normal(jax.random.PRNGKey(0), (3, 3, 8, 5)) * 3 + 1
-  gain = jnp.ones((5,))
+@pytest.mark.parametrize('shape', [(3, 3, 8, 5), (1, 1, 40, 5)])
+def test_ws_conv_standardises_weights(shape):
+  w = jax.random.normal(jax.random.PRNGKey(0), shape) * 3 + 1
+  gain = jnp.linspace(0.5, 2.0, 5)
   w_hat = np.asarray(layers.standardize_weight(w, gain))
-  fan_in = 3 * 3 * 8
+  fan_in = int(np.prod(shape[:-1]))
+  assert w_hat.shape == shape
   np.testing.assert_allclose(w_hat.reshape(-1, 5).mean(0), 0, atol=1e-6)
-  np.testing.assert_allclose(w_hat.reshape(-1, 5).var(0) * fan_in, 1, rtol=1e-4)
+  np.testing.assert_allclose(w_hat.reshape(-1, 5).var(0) * fan_in, np.asarray(gain) ** 2, rtol=1e-4)
   # NumPy reference formula: gain * (w - mean) / sqrt(max(fan_in * var, 1e-4))
   wn = np.asarray(w).reshape(-1, 5)
-  ref = (wn - wn.mean(0)) / np.sqrt(np.maximum(wn.var(0) * fan_in, 1e-4))
+  ref = (wn - wn.mean(0)) / np.sqrt(np.maximum(wn.var(0) * fan_in, 1e-4)) * np.asarray(gain)
   np.testing.assert_allclose(w_hat.reshape(-1, 5), ref, rtol=1e-5, atol=1e-6)
 
 
