@@ -44,8 +44,16 @@ def map_per_device(fn: Callable, mesh: jax.sharding.Mesh, num_args: int,
                    donate_argnums: Sequence[int] = ()) -> Callable:
   """Compiles per-device `fn(*args)` over the mesh; every argument and output has the device axis."""
   spec = jax.sharding.PartitionSpec(AXIS)
-  mapped = jax.shard_map(jax.vmap(fn), mesh=mesh, in_specs=(spec,) * num_args, out_specs=spec)
+  mapped = jax.shard_map(_squeezed(fn), mesh=mesh, in_specs=(spec,) * num_args, out_specs=spec)
   return jax.jit(mapped, donate_argnums=tuple(donate_argnums))
+
+
+def _squeezed(fn: Callable) -> Callable:
+  """fn on one device's block (size 1 along the device axis) with that axis dropped, then restored."""
+  def on_block(*args):
+    out = fn(*jax.tree.map(lambda x: x[0], args))
+    return jax.tree.map(lambda y: y[None], out)
+  return on_block
 
 
 def replicate(tree, n: int):
