@@ -12,6 +12,7 @@ slower than over [fan_in, out].
 Host data enters through `put`, which builds global arrays from each process's local part (leading axis:
 the local devices); `first_local` reads one device's copy back on every process.
 """
+import functools
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -52,6 +53,7 @@ def map_per_device(fn: Callable, mesh: jax.sharding.Mesh, num_args: int,
 
 def _squeezed(fn: Callable) -> Callable:
   """fn on one device's block (size 1 along the device axis) with that axis dropped, then restored."""
+  @functools.wraps(fn)   # the compiled program keeps fn's name (profiles, HLO dumps)
   def on_block(*args):
     out = fn(*jax.tree.map(lambda x: x[0], args))
     return jax.tree.map(lambda y: y[None], out)
