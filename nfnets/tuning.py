@@ -35,6 +35,7 @@ _ISA_FLAGS = ('avx2', 'fma', 'avx512f', 'avx512bw', 'avx512_vnni', 'avx512_bf16'
 _lock = threading.Lock()
 _caches: Dict[str, 'Cache'] = {}
 _used: Dict[str, dict] = {}   # choices this process traced: what bench.py reports
+_measured = []                # seconds spent on each measurement in this process
 
 
 def enabled() -> bool:
@@ -162,12 +163,17 @@ def choose(op: str, key: str, candidates: Dict[str, Callable], make_args: Callab
     cache = _cache()
     entry = cache.get(op, key)
     if entry is None or entry.get('choice') not in candidates:
-      if not _used:
-        logging.info('Measuring op implementations for this machine once; cached in %s', cache.path)
+      if not _measured:
+        logging.info('Measuring op implementations on this machine, once per shape (about a minute for '
+                     'F0); the choices are cached in %s', cache.path)
+      start = time.perf_counter()
       ms = time_candidates(candidates, make_args())
       entry = {'choice': min(ms, key=ms.get), 'ms': {k: round(v, 3) for k, v in ms.items()}}
-      logging.info('Tuned %s %s: %s', op, key, ' '.join(f'{k}={v:.2f}ms' for k, v in entry['ms'].items()))
+      logging.debug('Tuned %s %s: %s', op, key, ' '.join(f'{k}={v:.2f}ms' for k, v in entry['ms'].items()))
       cache.put(op, key, entry)
+      _measured.append(time.perf_counter() - start)
+      if len(_measured) % 20 == 0:
+        logging.info('... measured %d op shapes (%.0f s)', len(_measured), sum(_measured))
     _used[f'{op} {key}'] = entry
     return entry['choice']
 
