@@ -213,23 +213,3 @@ def test_ra_ops_default_and_unknown_value():
   for fn in (ra.solarize, ra.contrast, ra.sharpness):
     with pytest.raises(ValueError, match='ra_ops'):
       fn(x, 1, 'exact')
-
-
-def test_pipeline_threads_ra_ops_from_the_config(monkeypatch):
-  from configs import base
-  from nfnets import data
-  c = base.get_config('F0').dataset
-  assert c.augment.ra_ops == 'reference'
-  c.name, c.train_split, c.eval_split, c.shuffle_buffer = 'digits', 'train', 'test', 10
-  c.augment.update(mixup_alpha=0.0, cutmix=False)
-  seen, real = [], ra.randaugment
-  monkeypatch.setattr(ra, 'randaugment', lambda *a, **k: seen.append(a[4:] + tuple(k.values())) or real(*a, **k))
-  kw = dict(global_batch_size=2, image_size=16, num_classes=10, ra_layers=2, ra_magnitude=10, seed=0,
-            num_local_devices=1, process_index=0, process_count=1)
-  for mode in MODES:
-    c.augment.ra_ops, seen[:] = mode, []
-    batch = next(data.train_iterator(c, **kw))
-    assert batch['images'].shape == (1, 2, 16, 16, 3) and seen and set(seen) == {(mode,)}
-  c.augment.ra_ops = 'Reference'
-  with pytest.raises(ValueError, match="'Reference'; accepted: 'reference', 'pil'"):
-    data.train_iterator(c, **kw)

@@ -137,3 +137,19 @@ def test_randaugment_runs_on_the_truncated_mixed_image():
   np.testing.assert_array_equal(hard, labels)
   # RandAugment changed the mixed images (else the comparison above would not test it)
   assert not np.array_equal(np.asarray(want), pixels)
+
+
+def test_the_train_step_gets_the_configs_augmentation():
+  """Experiment.train_augment: the config's MixUp/CutMix and ra_ops, RandAugment's layers and magnitude
+  from the registry unless set (F0: 4 layers at magnitude 5, as the reference), none on fake data."""
+  import experiment  # pylint: disable=g-import-not-at-top
+  from test_experiment import tiny_config  # pylint: disable=g-import-not-at-top
+  aug = lambda **kw: experiment.Experiment(tiny_config(**{'model.name': 'F0', **recipe, **kw}),
+                                           devices=jax.local_devices()[:1]).train_augment()
+  recipe = {'dataset.augment.mixup_alpha': 0.2, 'dataset.augment.cutmix': True,
+            'dataset.augment.randaugment': True, 'dataset.augment.ra_ops': 'pil'}
+  assert aug() == dict(num_classes=10, mixup_alpha=0.2, cutmix=True, ra_layers=4, ra_magnitude=5.0, ra_ops='pil')
+  set_by_config = aug(**{'dataset.augment.ra_layers': 2, 'dataset.augment.ra_magnitude': 9})
+  assert (set_by_config['ra_layers'], set_by_config['ra_magnitude']) == (2, 9.0)
+  assert aug(**{'dataset.augment.randaugment': False})['ra_layers'] == 0
+  assert aug(**{'dataset.name': 'fake'}) == dict(num_classes=10)
