@@ -116,16 +116,17 @@ def make_config(base, variant: str, batch_size: int, resolution, dtype: str, rem
 
 
 def synthetic_batch(xp, mode: str, place: bool = True):
+  """A batch as the input pipeline delivers it: uint8 train pixels (fake data: the step only normalises
+  them, as timm's step takes ready tensors) or float 0..255 eval crops, and int labels."""
   rng = np.random.default_rng(0)
   n, b = xp.local_devices, xp.per_device_batch
   size = xp.image_size if mode == 'train' else xp.eval_image_size
-  k = xp.config.model.num_classes
-  images = rng.normal(size=(n, b, size, size, 3)).astype(np.float32)
-  hard = rng.integers(0, k, size=(n, b)).astype(np.int32)
+  labels = rng.integers(0, xp.config.model.num_classes, size=(n, b)).astype(np.int32)
   if mode == 'eval':
-    batch = {'images': images, 'labels': hard, 'mask': np.ones((n, b), np.float32)}
+    batch = {'images': rng.uniform(0, 255, (n, b, size, size, 3)).astype(np.float32), 'labels': labels,
+             'mask': np.ones((n, b), np.float32)}
   else:
-    batch = {'images': images, 'labels': np.eye(k, dtype=np.float32)[hard], 'hard_labels': hard}
+    batch = {'images': rng.integers(0, 256, (n, b, size, size, 3)).astype(np.uint8), 'labels': labels}
   return xp.put(batch) if place else batch
 
 

@@ -331,7 +331,7 @@ def _check_ra_ops(config, problems: List[str]) -> None:
   ra_ops = _get(config, 'dataset.augment.ra_ops')
   if ra_ops is _MISSING or config.dataset.get('name') == 'fake':
     return                    # fake data is not augmented
-  from nfnets.data.randaugment_jax import RA_OPS as options  # pylint: disable=g-import-not-at-top
+  from nfnets.data.randaugment import RA_OPS as options  # pylint: disable=g-import-not-at-top
   if ra_ops not in options:
     problems.append(f'dataset.augment.ra_ops={ra_ops!r} must be one of {", ".join(map(repr, options))}')
 

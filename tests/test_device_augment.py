@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from nfnets.data import device_augment, mix, normalize, randaugment_jax
+from nfnets.data import device_augment, mix, normalize, randaugment
 
 KEY = jax.random.PRNGKey(7)
 
@@ -130,7 +130,7 @@ def test_randaugment_runs_on_the_truncated_mixed_image():
   mixed, soft, _ = mix.mix_batch(images.astype(np.float32), labels, mix_key, num_classes=8,
                                  mixup_alpha=0.3, use_cutmix=True)
   pixels = np.clip(np.asarray(mixed), 0, 255).astype(np.uint8)   # truncates, as the reference's cast
-  want = randaugment_jax.randaugment(pixels, ra_key, 2, 9.0, 'reference')
+  want = randaugment.randaugment(pixels, ra_key, 2, 9.0, 'reference')
   pixels_out = out * np.float32(normalize.STDDEV_RGB) + np.float32(normalize.MEAN_RGB)
   np.testing.assert_allclose(pixels_out, np.asarray(want), atol=1e-3)
   np.testing.assert_allclose(targets, soft, atol=1e-6)

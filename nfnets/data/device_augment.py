@@ -11,7 +11,7 @@ per-image TF ops from the host, which were most of its work.
 import jax
 import jax.numpy as jnp
 
-from nfnets.data import mix, randaugment_jax
+from nfnets.data import mix, randaugment
 from nfnets.data.normalize import normalize
 
 
@@ -25,7 +25,7 @@ def augment_batch(images, labels, key, *, num_classes: int, mixup_alpha: float =
     labels: int [N].
     key: a JAX PRNG key; the same key gives the same batch.
     mixup_alpha, cutmix: MixUp's Beta(alpha, alpha) (0: off) and CutMix on/off (nfnets.data.mix).
-    ra_layers, ra_magnitude, ra_ops: RandAugment (0 layers: off), as nfnets.data.randaugment_jax.
+    ra_layers, ra_magnitude, ra_ops: RandAugment (0 layers: off), as nfnets.data.randaugment.
   With everything off this is one-hot targets and normalisation, nothing else.
   """
   labels = labels.astype(jnp.int32)
@@ -38,5 +38,5 @@ def augment_batch(images, labels, key, *, num_classes: int, mixup_alpha: float =
     targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
   if ra_layers > 0:
     pixels = jnp.clip(x, 0, 255).astype(jnp.uint8)
-    x = randaugment_jax.randaugment(pixels, ra_key, ra_layers, ra_magnitude, ra_ops).astype(jnp.float32)
+    x = randaugment.randaugment(pixels, ra_key, ra_layers, ra_magnitude, ra_ops).astype(jnp.float32)
   return normalize(x), targets, labels
