@@ -42,7 +42,9 @@ def get_config(model_name: str = 'F0') -> ml_collections.ConfigDict:
   c.model.width = config_dict.placeholder(float)
   c.model.depths = config_dict.placeholder(tuple)
   c.model.skip_gain_init = 0.0        # every residual branch's scalar gain at init (0: SkipInit, paper)
-  c.model.conv_impl = 'auto'          # grouped-conv lowering: 'auto' (per backend), 'xla', 'split'
+  # Conv lowering (nfnets/conv.py): 'auto' (XLA's on GPU/TPU; on CPU measured per shape and cached),
+  # or by hand 'xla', 'split', 'matmul', 'tapgrad'.
+  c.model.conv_impl = 'auto'
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = 'sgd'            # 'sgd' (the paper: Nesterov, coupled L2), 'adamw' or 'lamb'
