@@ -336,6 +336,15 @@ def _check_ra_ops(config, problems: List[str]) -> None:
     problems.append(f'dataset.augment.ra_ops={ra_ops!r} must be one of {", ".join(map(repr, options))}')
 
 
+def _check_tuning_switch(problems: List[str]) -> None:
+  """The NFNETS_TUNING environment variable (nfnets/tuning.py) is read while compiling: check it first."""
+  from nfnets import tuning  # pylint: disable=g-import-not-at-top
+  try:
+    tuning.enabled()
+  except ValueError as e:
+    problems.append(f'environment variable {e}')
+
+
 def validate(config, process_count: Optional[int] = None, local_devices: Optional[int] = None):
   """Checks the whole config; raises ConfigError listing every problem (one line each).
 
@@ -349,6 +358,7 @@ def validate(config, process_count: Optional[int] = None, local_devices: Optiona
   info = _check_dataset(config, problems)
   _check_classes(config, info, problems)
   _check_ra_ops(config, problems)
+  _check_tuning_switch(problems)
   if process_count is not None and local_devices is not None:
     _check_layout(config, process_count, local_devices, problems)
   if info is not None and not problems:

@@ -119,6 +119,15 @@ def test_all_problems_are_reported_together():
   assert str(e.value).splitlines() == e.value.problems and isinstance(e.value, ValueError)
 
 
+def test_bad_tuning_switch_is_refused_before_compiling(monkeypatch):
+  monkeypatch.setenv('NFNETS_TUNING', 'fast')
+  with pytest.raises(cv.ConfigError) as e:
+    cv.validate(demo.get_config())
+  assert e.value.problems == ["environment variable NFNETS_TUNING='fast'; accepted: on, off"]
+  monkeypatch.setenv('NFNETS_TUNING', 'on')
+  cv.validate(demo.get_config())
+
+
 def _with(config, overrides):
   for path, value in overrides:
     set_field(config, path, value)
