@@ -19,7 +19,7 @@ dense convolutions, and the best form of a kernel gradient changes with the CPU 
 (benchmarks/conv_layers.py measures every F0 convolution under each lowering).
 """
 import functools
-from typing import Callable, Dict, NamedTuple
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +29,7 @@ from nfnets import tuning
 
 IMPLS = ('auto', 'xla', 'split', 'matmul', 'tapgrad')
 _DIMS = ('NHWC', 'HWIO', 'NHWC')
+_DIRECTIONS = ('forward', 'input_grad', 'kernel_grad')
 # Below this many multiply-adds a convolution takes microseconds whichever way it is lowered: measuring
 # it would cost more than it could save, so it gets the default lowering.
 MIN_TUNED_MACS = 2 ** 24
@@ -196,11 +197,15 @@ def _default(s: ConvShape) -> str:
   return 'matmul' if s.is_1x1 else 'split' if s.groups > 1 else 'xla'
 
 
-def _choose(direction: str, s: ConvShape, candidates: Dict[str, Callable], arg_shapes) -> Callable:
+def _lowering(direction: str, s: ConvShape, candidates: Dict[str, Callable], arg_shapes,
+              fixed: Optional[Tuple[str, str, str]]) -> Callable:
+  """The lowering of one direction: `fixed[direction]` when given, else measured (`nfnets.tuning`)."""
+  if fixed is not None:
+    return candidates[fixed[_DIRECTIONS.index(direction)]]
   default = _default(s)
   if s.macs < MIN_TUNED_MACS:
     return candidates[default]
-  dtype = np.dtype(s.dtype) if s.dtype != 'bfloat16' else jnp.bfloat16
+  dtype = jnp.dtype(s.dtype)
   name = tuning.choose(f'conv_{direction}', s.key, candidates,
                        lambda: tuning.random_args(*[(shape, dtype) for shape in arg_shapes]), default)
   return candidates[name]
@@ -210,45 +215,27 @@ def _shape_of(x, w, stride, padding, groups) -> ConvShape:
   return ConvShape(tuple(x.shape), tuple(w.shape), stride, padding, groups, jnp.dtype(x.dtype).name)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv_tuned(x, w, stride, padding, groups):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _conv_per_direction(x, w, stride, padding, groups, fixed):
+  """A convolution whose forward, input gradient and kernel gradient each have their own lowering:
+  `fixed` (forward, input_grad, kernel_grad) names, or None to measure each on this machine."""
   s = _shape_of(x, w, stride, padding, groups)
-  return _choose('forward', s, _forward_lowerings(s), (s.x, s.w))(x, w)
+  return _lowering('forward', s, _forward_lowerings(s), (s.x, s.w), fixed)(x, w)
 
 
-def _conv_tuned_fwd(x, w, stride, padding, groups):
-  return _conv_tuned(x, w, stride, padding, groups), (x, w)
+def _conv_per_direction_fwd(x, w, stride, padding, groups, fixed):
+  return _conv_per_direction(x, w, stride, padding, groups, fixed), (x, w)
 
 
-def _conv_tuned_bwd(stride, padding, groups, res, dy):
+def _conv_per_direction_bwd(stride, padding, groups, fixed, res, dy):
   x, w = res
   s = _shape_of(x, w, stride, padding, groups)
-  dx = _choose('input_grad', s, _input_grad_lowerings(s), (s.x, s.w, s.y))(x, w, dy)
-  dw = _choose('kernel_grad', s, _kernel_grad_lowerings(s), (s.x, s.w, s.y))(x, w, dy)
+  dx = _lowering('input_grad', s, _input_grad_lowerings(s), (s.x, s.w, s.y), fixed)(x, w, dy)
+  dw = _lowering('kernel_grad', s, _kernel_grad_lowerings(s), (s.x, s.w, s.y), fixed)(x, w, dy)
   return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
-_conv_tuned.defvjp(_conv_tuned_fwd, _conv_tuned_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv_tapgrad(x, w, stride, padding, groups):
-  return _split(x, w, stride, padding, groups)
-
-
-def _conv_tapgrad_fwd(x, w, stride, padding, groups):
-  return _split(x, w, stride, padding, groups), (x, w)
-
-
-def _conv_tapgrad_bwd(stride, padding, groups, res, dy):
-  x, w = res
-  _, x_vjp = jax.vjp(lambda x_: _split(x_, w, stride, padding, groups), x)
-  (dx,) = x_vjp(dy)
-  dw = _kernel_grad_taps(x, dy, w.shape, stride, padding, groups)
-  return dx, dw.astype(w.dtype)
-
-
-_conv_tapgrad.defvjp(_conv_tapgrad_fwd, _conv_tapgrad_bwd)
+_conv_per_direction.defvjp(_conv_per_direction_fwd, _conv_per_direction_bwd)
 
 
 def conv2d(x: jax.Array, w: jax.Array, stride: int = 1, padding: str = 'SAME', groups: int = 1,
@@ -256,7 +243,7 @@ def conv2d(x: jax.Array, w: jax.Array, stride: int = 1, padding: str = 'SAME', g
   """NHWC convolution with an HWIO kernel of shape (kh, kw, C_in // groups, C_out)."""
   impl = resolve_impl(impl, groups)
   if impl == 'tuned':
-    return _conv_tuned(x, w, stride, padding, groups)
+    return _conv_per_direction(x, w, stride, padding, groups, None)
   if impl == 'xla':
     return _dense(x, w, stride, padding, groups)
   if impl == 'split':
@@ -265,4 +252,5 @@ def conv2d(x: jax.Array, w: jax.Array, stride: int = 1, padding: str = 'SAME', g
     return _conv1x1(x, w, stride, padding, groups)
   if impl == 'matmul' or padding not in ('SAME', 'VALID'):
     return _split(x, w, stride, padding, groups)
-  return _conv_tapgrad(x, w, stride, padding, groups)
+  per_group = 'split' if groups > 1 else 'xla'   # 'tapgrad': as 'matmul', but the tap-sum kernel gradient
+  return _conv_per_direction(x, w, stride, padding, groups, (per_group, per_group, 'taps'))
