@@ -13,6 +13,7 @@ from this machine's (copied from another CPU, or written by another JAX) is igno
 cannot be parsed is rebuilt; neither is trusted. NFNETS_TUNING=off skips measuring and uses each op's
 default (the tests do, so their numerics do not depend on timing).
 """
+import functools
 import hashlib
 import json
 import os
@@ -45,20 +46,22 @@ def enabled() -> bool:
   return value == 'on'
 
 
+@functools.lru_cache(maxsize=1)
 def _cpu_model_and_flags():
-  model, flags = platform.processor() or platform.machine(), set()
+  """The first CPU's model name and the ISA flags that matter here (read once: they do not change)."""
+  model, flags = None, set()
   try:
     with open('/proc/cpuinfo') as f:
       for line in f:
         name, _, value = line.partition(':')
         name = name.strip()
-        if name in ('model name', 'Model') and model in (platform.processor(), platform.machine()):
+        if name in ('model name', 'Model') and model is None:
           model = value.strip()
         elif name in ('flags', 'Features') and not flags:
           flags = set(value.split())
   except OSError:
     pass
-  return model, sorted(f for f in _ISA_FLAGS if f in flags)
+  return model or platform.processor() or platform.machine(), tuple(f for f in _ISA_FLAGS if f in flags)
 
 
 def fingerprint() -> Dict[str, Any]:
@@ -68,11 +71,9 @@ def fingerprint() -> Dict[str, Any]:
     cores = len(os.sched_getaffinity(0))
   except AttributeError:
     cores = os.cpu_count()
-  device = jax.local_devices()[0]
-  return {'cpu_model': model, 'cores': cores, 'isa': isa, 'jax': jax.__version__,
-          'jaxlib': jaxlib.__version__,
-          'backend': jax.default_backend(), 'device_kind': device.device_kind,
-          'xla_flags': os.environ.get('XLA_FLAGS', '')}
+  return {'cpu_model': model, 'cores': cores, 'isa': sorted(isa), 'jax': jax.__version__,
+          'jaxlib': jaxlib.__version__, 'backend': jax.default_backend(),
+          'device_kind': jax.local_devices()[0].device_kind, 'xla_flags': os.environ.get('XLA_FLAGS', '')}
 
 
 def cache_path(fp: Optional[Dict[str, Any]] = None) -> str:
