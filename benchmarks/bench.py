@@ -205,9 +205,10 @@ def run(config, variants, mode='train', batch_size=8, resolution=None, dtype='fl
   for _ in range(steps):  # round-robin, so load changes hit every variant alike
     for r in runners:
       r.times.append(r.step())
-  peak = measure_matmul_peak(jnp.dtype(dtype), peak_matmul_n)
-  # bf16 is only worth a lowering where the CPU's matmul runs faster in it (AVX-512 BF16 / AMX in use).
-  peaks = {d: measure_matmul_peak(jnp.dtype(d), peak_matmul_n) for d in ('float32', 'bfloat16')}
+  # The run's dtype is the MFU denominator; f32 and bf16 both, because bf16 is only worth a lowering where
+  # the CPU's matmul runs faster in it (AVX-512 BF16 / AMX in use).
+  peaks = {d: measure_matmul_peak(jnp.dtype(d), peak_matmul_n) for d in sorted({'float32', 'bfloat16', dtype})}
+  peak = peaks[dtype]
   tuned = tuning_report()
   rss = memory.peak_rss_bytes()
   results = []

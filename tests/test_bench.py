@@ -38,6 +38,7 @@ def test_bench_cli_writes_json(tmp_path, mode):
   assert r['tuning']['enabled'] is False   # the tests run with NFNETS_TUNING=off
   assert r['tuning']['fingerprint']['jax'] == jax.__version__
   assert all(r['matmul_peak_flops_per_sec'][d] > 0 for d in ('float32', 'bfloat16'))
+  assert r['peak_flops_per_sec'] == r['matmul_peak_flops_per_sec'][r['dtype']]   # measured once
 
 
 def test_tuning_report_counts_the_choices_per_op(monkeypatch):
