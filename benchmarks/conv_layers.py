@@ -7,13 +7,12 @@ interleaved so machine load hits them alike. Totals weight each shape by how oft
 """
 import argparse
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
 from nfnets import conv as conv_lib
+from nfnets import tuning
 
 B = 8
 # (name, H_in, Cin, Cout, k, stride, groups, count in F0)
@@ -55,9 +54,9 @@ def make_fn(impl, s, g, part='all'):
   def loss(x, w, ct):
     return jnp.vdot(conv_lib.conv2d(x, w, s, 'SAME', g, impl), ct)
   if part == 'fwd':
-    return jax.jit(lambda x, w, ct: conv_lib.conv2d(x, w, s, 'SAME', g, impl))
+    return lambda x, w, ct: conv_lib.conv2d(x, w, s, 'SAME', g, impl)
   argnums = {'all': (0, 1), 'dx': 0, 'dw': 1}[part]
-  return jax.jit(jax.value_and_grad(loss, argnums=argnums))
+  return jax.value_and_grad(loss, argnums=argnums)
 
 
 def main():
@@ -79,19 +78,12 @@ def main():
     w = jax.random.normal(key, (k, k, cin // g, cout)) * 0.1
     ho = -(-h // s)
     ct = jax.random.normal(key, (B, ho, ho, cout))
-    fns = {i: make_fn(i, s, g, a.part) for i in impls}
-    for f in fns.values():
-      jax.block_until_ready(f(x, w, ct))
-    times = {i: [] for i in impls}
-    for _ in range(a.reps):
-      for i, f in fns.items():
-        t = time.perf_counter()
-        jax.block_until_ready(f(x, w, ct))
-        times[i].append(time.perf_counter() - t)
+    # Compiled, warmed up, then timed interleaved (median of --reps), as nfnets.tuning measures lowerings.
+    ms = tuning.time_candidates({i: make_fn(i, s, g, a.part) for i in impls}, (x, w, ct), repeats=a.reps)
     fl = {'all': 6, 'fwd': 2, 'dx': 4, 'dw': 4}[a.part] * macs(h, cin, cout, k, s, g)
     row = []
     for i in impls:
-      t = statistics.median(times[i])
+      t = ms[i] / 1e3
       totals[i] += t * n
       row.append(f'{i} {t * 1e3:7.1f} ms {fl / t / 1e9:6.1f} GF/s')
     print(f'{name:7s} x{n:2d} {h:3d}px {cin:4d}->{cout:4d} k{k} s{s} g{g}: ' + ' | '.join(row), flush=True)
