@@ -45,10 +45,14 @@ def local_device_count(mesh: jax.sharding.Mesh) -> int:
 
 def map_per_device(fn: Callable, mesh: jax.sharding.Mesh, num_args: int,
                    donate_argnums: Sequence[int] = ()) -> Callable:
-  """Compiles per-device `fn(*args)` over the mesh; every argument and output has the device axis."""
+  """Compiles per-device `fn(*args)` over the mesh; every argument and output has the device axis.
+
+  Arguments `fn` does not read are kept (`keep_unused`), so a donated one still lends its buffers to the
+  outputs of the same shape instead of being dropped from the program.
+  """
   spec = jax.sharding.PartitionSpec(AXIS)
   mapped = jax.shard_map(_squeezed(fn), mesh=mesh, in_specs=(spec,) * num_args, out_specs=spec)
-  return jax.jit(mapped, donate_argnums=tuple(donate_argnums))
+  return jax.jit(mapped, donate_argnums=tuple(donate_argnums), keep_unused=True)
 
 
 def _squeezed(fn: Callable) -> Callable:
@@ -58,6 +62,17 @@ def _squeezed(fn: Callable) -> Callable:
     out = fn(*jax.tree.map(lambda x: x[0], args))
     return jax.tree.map(lambda y: y[None], out)
   return on_block
+
+
+def mean_over_devices(tree):
+  """`lax.pmean(tree, AXIS)` in per-device code; with one device, `tree` itself.
+
+  XLA:CPU runs a one-device all-reduce as a copy of every buffer: F0's gradient, 286 MB, cost 20 ms of a
+  1.6 s step on one CPU device.
+  """
+  if jax.lax.axis_size(AXIS) == 1:
+    return tree
+  return jax.lax.pmean(tree, AXIS)
 
 
 def replicate(tree, n: int):
