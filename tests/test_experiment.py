@@ -255,19 +255,6 @@ def test_train_step_updates_the_donated_state_in_place(num_devices):
   assert o.temp_size_in_bytes < 2 * largest_leaf
 
 
-@pytest.mark.parametrize('num_devices', [1, 2])
-def test_gradient_program_all_reduces_only_across_several_devices(num_devices):
-  """The device mean of the gradient is an all-reduce with 2 devices and nothing with 1 (XLA:CPU would
-  copy the whole gradient for a one-device all-reduce); test_one_device_equals_four_devices checks that
-  both give one result."""
-  xp = experiment.Experiment(tiny_config(), devices=jax.local_devices()[:num_devices])
-  shapes = xp.abstract_replicated(xp.state_shapes())
-  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=xp.sharding),
-                       fake_batch(num_devices, xp.per_device_batch))
-  gradient, _ = xp.compile_train_step(shapes, batch).programs
-  assert ('all-reduce' in gradient.as_text()) == (num_devices > 1)
-
-
 def test_train_step_compiles_once_per_input_signature():
   xp = experiment.Experiment(tiny_config(), devices=jax.local_devices()[:1])
   state = xp.init_state()
