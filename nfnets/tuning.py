@@ -2,8 +2,8 @@
 
 XLA:CPU's speed for the same convolution or reduction differs several-fold between its formulations, and
 which formulation wins differs between CPUs and XLA versions. So an op with several equivalent
-implementations (`nfnets.conv` lowerings, the weight-standardisation form in `nfnets.layers`) asks
-`choose` at trace time: the first time a shape is seen on a machine, each candidate is compiled and timed
+implementations (today the `nfnets.conv` lowerings, per convolution shape and direction) asks `choose` at
+trace time: the first time a shape is seen on a machine, each candidate is compiled and timed
 on random data (interleaved, median of a few runs) and the fastest is kept; later runs read the choice
 from a JSON cache.
 
