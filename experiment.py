@@ -1,14 +1,19 @@
-"""The NFNet experiment: train state, device-mapped train/eval steps, EMA, accumulation, SAM.
+"""The NFNet experiment: train state, the train and eval steps, EMA, accumulation, SAM.
 
-This is the only module that knows models, data and optimizer together. Device code is written per device,
-with pmap's semantics (a leading device axis on the state and batches, collectives over `AXIS`), and
-compiled one way for one process and for many (`nfnets.devices`). The train step is the paper's recipe in
-four lines: gradients averaged across devices (before AGC, so AGC sees the full batch), `tx.update` of the
-configured optax chain, `optax.apply_updates`, the EMA. Before it, each device augments its uint8 batch
-(MixUp/CutMix, RandAugment, normalisation: `nfnets.data.device_augment`), so the host only decodes and
-resizes. The loop around it (checkpoints, logs, preemption) is `nfnets.trainer.Trainer`.
+This is the only module that knows models, data and optimizer together. The train state is a tree of global
+arrays replicated over a 1-D mesh of every device; batches are split over the devices along their leading
+axis (`nfnets.devices`). Device code is written per device with pmap's semantics (collectives over the one
+axis `AXIS`) and compiled as one program for one process and for many.
+
+The train step (`_train_step`) is the paper's recipe, top to bottom: each device augments its uint8 batch
+(MixUp/CutMix, RandAugment, normalisation: `nfnets.data.device_augment`), takes the gradient of its
+examples (accumulated over micro-batches, at SAM's ascent point when SAM is on), the gradients are
+averaged across devices (before AGC, so AGC sees the full batch), then `tx.update` of the configured optax
+chain, `optax.apply_updates` and the EMA, guarded so a non-finite step keeps the old state. The loop
+around it (checkpoints, logs, preemption) is `nfnets.trainer.Trainer`.
 """
-from typing import Dict, Iterator, Optional
+import os
+from typing import Dict, Iterator, Optional, Tuple
 
 from absl import logging
 import haiku as hk
@@ -19,19 +24,21 @@ import optax
 
 import nfnets
 from nfnets import config_validation
+from nfnets import cpu
 from nfnets import data as data_lib
 from nfnets import devices as devices_lib
-from nfnets import memory
 from nfnets import optim
 from nfnets import param_groups
 from nfnets.data import device_augment
 from nfnets.data.normalize import normalize
-from nfnets.devices import AXIS, first_local
+from nfnets.devices import AXIS, REPLICATED, SPLIT
 from nfnets.train_state import TrainState
 
-# fold_in data for the augmentation key of a step: the micro-batch keys use 0..grad_accum_steps (the last one
-# SAM's), so a constant far above any accumulation count never gives the model and the augmentation one key.
+# fold_in data for the augmentation and SAM keys of a step: the micro-batch keys use 0..grad_accum_steps - 1,
+# so constants far above any accumulation count never give two uses one key; SAM's does not depend on the
+# accumulation count, so an accumulated step is the same step.
 AUGMENT_STREAM = 0x41554755
+SAM_STREAM = 0x53414D
 
 
 def soft_cross_entropy(logits, targets, label_smoothing: float):
@@ -43,6 +50,27 @@ def soft_cross_entropy(logits, targets, label_smoothing: float):
 
 def _cast_floats(tree, dtype):
   return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def sam_ascent_examples(per_device_batch: int, fraction: float) -> np.ndarray:
+  """Indices of SAM's ascent examples in a device batch: round(fraction x batch) of them, evenly spread, so
+  they cover the MixUp and the CutMix half alike and do not depend on how the batch is accumulated."""
+  count = max(1, round(fraction * per_device_batch))
+  return (np.arange(count) * per_device_batch) // count
+
+
+def use_compilation_cache(path: str) -> None:
+  """JAX's persistent compilation cache in `path` (a restarted run loads its compiled steps instead of
+  compiling them again); an empty path turns it off."""
+  path = os.path.abspath(os.path.expanduser(path)) if path else None
+  if (jax.config.jax_enable_compilation_cache == bool(path)
+      and (not path or jax.config.jax_compilation_cache_dir == path)):
+    return
+  from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
+  jax.config.update('jax_enable_compilation_cache', bool(path))
+  if path:
+    jax.config.update('jax_compilation_cache_dir', path)
+  compilation_cache.reset_cache()   # JAX reads these settings once: make it read them again
 
 
 class Experiment:
@@ -59,7 +87,7 @@ class Experiment:
   def __init__(self, config, devices=None, optimizer: Optional[optax.GradientTransformation] = None):
     self.config = config
     self.mesh = devices_lib.make_mesh(devices)
-    self.sharding = devices_lib.device_sharding(self.mesh)
+    self.replicated = jax.sharding.NamedSharding(self.mesh, REPLICATED)
     self.num_devices = self.mesh.devices.size
     self.local_devices = devices_lib.local_device_count(self.mesh)
     # The whole config, before anything is read or compiled (raises ConfigError listing every problem).
@@ -80,18 +108,15 @@ class Experiment:
     self.schedule = optim.make_schedule(config.optimizer, config.batch_size, config.training_steps,
                                         self.info.num_train_examples)
     self.optimizer = optimizer or optim.make_optimizer(config.optimizer, self.schedule)
-    self.sam_examples = int(config.optimizer.sam_batch_fraction * self.micro_batch)
+    self.sam_examples = sam_ascent_examples(self.per_device_batch, config.optimizer.sam_batch_fraction)
     self.augment = self.train_augment()
-    per_device = lambda fn, n, donate=(): devices_lib.map_per_device(fn, self.mesh, n, donate)
-    # A train step is two programs: the gradients, then the optimizer (see `_optimizer_step`).
-    self.jitted_train_step = (per_device(self._gradient_step, 3, donate=(2,)),
-                              per_device(self._optimizer_step, 3, donate=(0,)))
+    use_compilation_cache(config.compilation_cache_dir)
+    # (state, batch) -> (state, metrics): the state donated, its buffers updated in place.
+    self.jitted_train_step = devices_lib.map_per_device(
+        self._train_step, self.mesh, in_specs=(REPLICATED, SPLIT), out_specs=REPLICATED, donate_argnums=(0,))
     self._compiled_train_steps = {}
-    self.eval_step = per_device(self._eval_step, 3)
-    self._make_state = per_device(self._fresh_state, 2)
-    self._state_around = per_device(self._new_state, 2)
-    self._own_copy = per_device(lambda tree: jax.tree.map(jnp.copy, tree), 1)
-    self._zeros_like = per_device(lambda tree: jax.tree.map(jnp.zeros_like, tree), 1)
+    self.eval_step = devices_lib.map_per_device(self._eval_step, self.mesh,
+                                                in_specs=(REPLICATED, REPLICATED, SPLIT), out_specs=REPLICATED)
 
   # ---------------------------------------------------------------- model
   def _forward(self, images, is_training: bool):
@@ -111,9 +136,7 @@ class Experiment:
     return jax.jit(self._init_params)(rng)
 
   def _new_state(self, params, train_rng) -> TrainState:
-    """Per device: step 0, fresh optimizer state, EMA = params. Params and EMA are copied into buffers of
-    their own: the train step donates the state, and it cannot write in place into buffers that are views
-    of host memory or of one another (on XLA:CPU its first call would then allocate a second state)."""
+    """Step 0, fresh optimizer state, EMA = params, in buffers of its own (the train step donates both)."""
     return TrainState(step=jnp.zeros((), jnp.int32), params=jax.tree.map(jnp.copy, params),
                       opt_state=self.optimizer.init(params), ema_params=jax.tree.map(jnp.copy, params),
                       rng=train_rng, bad_step=jnp.full((), -1, jnp.int32))
@@ -122,70 +145,48 @@ class Experiment:
     return self._new_state(self._init_params(init_rng), train_rng)
 
   def init_state(self) -> TrainState:
-    """A fresh replicated state: every device holds the same params (same init key), built on the devices."""
+    """A fresh replicated state, built on the devices (every device the same params: one init key)."""
     init_rng, train_rng = jax.random.split(jax.random.PRNGKey(self.config.seed))
-    return self._make_state(*self.put(devices_lib.replicate((init_rng, train_rng), self.local_devices)))
+    return jax.jit(self._fresh_state, out_shardings=self.replicated)(init_rng, train_rng)
 
   def state_from_params(self, params, train_rng=None) -> TrainState:
     """A fresh replicated state around given params (e.g. loaded weights); the rest built on the devices."""
     if train_rng is None:
       train_rng = jax.random.split(jax.random.PRNGKey(self.config.seed))[1]
-    host = (jax.device_get(params), np.asarray(train_rng))
-    return self._state_around(*self.put(devices_lib.replicate(host, self.local_devices)))
+    placed = devices_lib.put_replicated((jax.device_get(params), np.asarray(train_rng)), self.mesh)
+    return jax.jit(self._new_state, out_shardings=self.replicated)(*placed)
 
   def state_shapes(self) -> TrainState:
-    """The unreplicated state's structure as jax.ShapeDtypeStructs (no memory, no compute)."""
+    """The state's structure as replicated jax.ShapeDtypeStructs (no memory, no compute): lowering the
+    steps with these compiles them before any state exists."""
     key = jax.random.PRNGKey(0)
-    return jax.eval_shape(self._fresh_state, key, key)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated),
+                        jax.eval_shape(self._fresh_state, key, key))
 
   def state_template(self) -> TrainState:
-    """An unreplicated host state of zeros with this run's structure, shapes and dtypes (no compute)."""
+    """A host state of zeros with this run's structure, shapes and dtypes (no compute)."""
     return jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), self.state_shapes())
 
-  def abstract_replicated(self, tree):
-    """ShapeDtypeStructs of `tree` (shapes) with the device axis and sharding: lowering the steps with
-    these compiles them before any state exists."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct((self.num_devices,) + tuple(x.shape), x.dtype,
-                                                       sharding=self.sharding), tree)
-
-  def put(self, local_tree):
-    """Global arrays from this process's part of a tree whose leading axis is its local devices."""
-    return devices_lib.put(local_tree, self.sharding)
+  def put_batch(self, local_batch):
+    """Global arrays from this process's part of a batch (leading axis: its examples)."""
+    return devices_lib.put_batch(local_batch, self.mesh)
 
   def put_state(self, host_state: TrainState) -> TrainState:
-    """A host (unreplicated) state, e.g. a restored checkpoint, replicated onto the devices in buffers the
-    train step can donate: copied once more on the devices (see `_new_state`), before the step's
-    temporaries exist."""
-    state = self._own_copy(self.put(devices_lib.replicate(host_state, self.local_devices)))
-    jax.block_until_ready(state)
-    memory.release_free_memory()  # the transferred copy is gone: return its pages before the step runs
-    return state
+    """A host state (e.g. a restored checkpoint) replicated onto the devices, in buffers the train step can
+    donate."""
+    return devices_lib.put_replicated(host_state, self.mesh)
 
   def compile_train_step(self, state, batch):
-    """Compiles the train step's two programs ahead of time for these inputs (arrays or
-    ShapeDtypeStructs, with the device axis) and frees what compiling left behind
-    (`nfnets.memory.compile_with_low_memory`). Returns `step(state, batch) -> (state, metrics)`."""
-    gradient_fn, optimizer_fn = self.jitted_train_step
-    lean = lambda fn, *args: memory.compile_with_low_memory(
-        fn, *args, cpu_memory_scheduler=self.config.get('cpu_memory_scheduler'))
-    compiled_gradient = lean(gradient_fn, state, batch, state.params)  # the gradient has the params' shapes
-    compiled_optimizer = lean(optimizer_fn, state, *compiled_gradient.out_info)
-    last_grads = []  # each step's gradient is kept to be overwritten by the next one (`_gradient_step`)
+    """Compiles the train step ahead of time for these inputs (arrays, or ShapeDtypeStructs with their
+    shardings). Returns `step(state, batch) -> (state, metrics)`."""
+    compiled = self.jitted_train_step.lower(state, batch).compile(
+        cpu.compiler_options(self.config.cpu_memory_scheduler))
+    cpu.after_compile()
+    return compiled
 
-    def step(state, batch):
-      grad_buffers = last_grads.pop() if last_grads else self._zeros_like(state.params)
-      grads, metrics = compiled_gradient(state, batch, grad_buffers)
-      new_state = compiled_optimizer(state, grads, metrics)
-      last_grads.append(grads)
-      return new_state, metrics
-
-    step.programs = (compiled_gradient, compiled_optimizer)
-    return step
-
-  def train_step(self, state: TrainState, batch):
-    """One optimizer step on the replicated `state` (donated: do not reuse it) and a device batch.
-    Returns `(new_state, metrics)`; the metrics have the device axis. Compiled on the first call for each
-    batch signature."""
+  def train_step(self, state: TrainState, batch) -> Tuple[TrainState, Dict[str, jax.Array]]:
+    """One optimizer step on the replicated `state` (donated: do not reuse it) and a global batch.
+    Compiled on the first call for each batch signature."""
     # The state's signature is fixed by the config (a mismatching state is rejected by the executable),
     # so only the batch's is looked up: a few leaves, not the whole state, on every step.
     key = (jax.tree.structure(batch), tuple((x.shape, x.dtype) for x in jax.tree.leaves(batch)))
@@ -194,6 +195,50 @@ class Experiment:
     return self._compiled_train_steps[key](state, batch)
 
   # ---------------------------------------------------------------- steps (per device)
+  def _train_step(self, state: TrainState, batch: Dict[str, jax.Array]) -> Tuple[TrainState, dict]:
+    """One optimizer step, on one device's slice of the batch: uint8 `images` and int `labels`
+    (nfnets.data.train_iterator). Returns the new state and the step's metrics, both the same on every
+    device."""
+    cfg = self.config
+    # A key per step and device (the device index runs over all processes' devices).
+    step_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), jax.lax.axis_index(AXIS))
+    # The whole device batch is augmented first (MixUp/CutMix pair examples across it), then split into
+    # micro-batches, so accumulation sees the same examples as one big batch.
+    images, targets, hard = device_augment.augment_batch(
+        batch['images'], batch['labels'], jax.random.fold_in(step_rng, AUGMENT_STREAM), **self.augment)
+    examples = {'images': images, 'labels': targets, 'hard_labels': hard}
+    at = state.params
+    if cfg.optimizer.sam_rho:
+      at = self._sam_point(state.params, examples, jax.random.fold_in(step_rng, SAM_STREAM))
+    grads, loss, top1 = self._batch_gradient(at, examples, step_rng)
+    # Averaged over devices before AGC, so clipping sees the full-batch gradient (as the reference code).
+    grads, loss, top1 = jax.lax.pmean((grads, loss, top1), AXIS)
+    metrics = {'loss': loss, 'top1': top1, 'lr': self.schedule(state.step),
+               'grad_norm': optax.tree.norm(grads), 'clip_fraction': jnp.zeros(())}
+    if cfg.optimizer.agc.enabled:
+      metrics['clip_fraction'] = nfnets.clip_fraction(
+          grads, state.params, cfg.optimizer.agc.clipping, cfg.optimizer.agc.eps,
+          mask=param_groups.agc_mask(state.params))
+
+    def update(state):
+      updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      t = state.step.astype(jnp.float32)
+      decay = jnp.minimum(cfg.ema_decay, (1.0 + t) / (10.0 + t))
+      ema_params = jax.tree.map(lambda e, p: e * decay + p * (1.0 - decay), state.ema_params, params)
+      return params, opt_state, ema_params
+
+    # A non-finite loss or gradient leaves the state untouched and records the step, so no bad state is
+    # ever saved. A conditional rather than `where(finite, new, old)`: the update is skipped, not computed
+    # and thrown away, and every buffer of the donated state is written in place.
+    finite = jnp.isfinite(loss) & jnp.isfinite(metrics['grad_norm'])
+    params, opt_state, ema_params = jax.lax.cond(
+        finite, update, lambda state: (state.params, state.opt_state, state.ema_params), state)
+    new_state = TrainState(
+        step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params, rng=state.rng,
+        bad_step=jnp.where((state.bad_step < 0) & ~finite, state.step, state.bad_step))
+    return new_state, metrics
+
   def _loss(self, params, images, targets, hard_labels, rng):
     if self.dtype != jnp.float32:
       params, images = _cast_floats(params, self.dtype), images.astype(self.dtype)
@@ -202,94 +247,37 @@ class Experiment:
     top1 = jnp.mean(jnp.argmax(logits, -1) == hard_labels)
     return loss, top1
 
-  def _batch_gradient(self, params, micro, step_rng):
-    """This device's mean loss, top-1 and gradient over its micro-batches (`micro`: [accum, micro, ...])."""
+  def _batch_gradient(self, params, examples, step_rng):
+    """This device's mean loss, top-1 and gradient over its examples, in `grad_accum_steps` micro-batches."""
     accum = self.config.grad_accum_steps
     grad_fn = jax.value_and_grad(self._loss, has_aux=True)
 
-    def micro_step(carry, xs):
-      i, mb = xs
+    def micro_step(i, mb):
       (loss, top1), grads = grad_fn(params, mb['images'], mb['labels'], mb['hard_labels'],
                                     jax.random.fold_in(step_rng, i))
-      g_acc, l_acc, t_acc = carry
-      return (jax.tree.map(jnp.add, g_acc, grads), l_acc + loss, t_acc + top1), None
+      return grads, loss, top1
 
-    carry = (jax.tree.map(jnp.zeros_like, params), 0.0, 0.0)
-    if accum == 1 or jax.default_backend() == 'cpu':
-      # XLA:CPU runs convolutions inside a loop body ~10x slower (even a length-1 scan): unroll.
-      for i in range(accum):
-        carry, _ = micro_step(carry, (i, jax.tree.map(lambda x, i=i: x[i], micro)))
-    else:
-      carry, _ = jax.lax.scan(micro_step, carry, (jnp.arange(accum), micro))
+    if accum == 1:
+      return micro_step(0, examples)
+    micro = jax.tree.map(lambda x: x.reshape((accum, -1) + x.shape[1:]), examples)
+
+    def add(total, xs):
+      return jax.tree.map(jnp.add, total, micro_step(*xs)), None
+
+    zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros(()), jnp.zeros(()))
+    total, _ = jax.lax.scan(add, zeros, (jnp.arange(accum), micro), unroll=cpu.loop_unroll())
     # Equal micro-batches: the mean of micro-batch means is the big-batch mean.
-    return jax.tree.map(lambda g: g / accum, carry)
+    return jax.tree.map(lambda x: x / accum, total)
 
-  def _sam_point(self, params, micro, rng):
-    """SAM's perturbed params, as the paper runs it (App. A.4): the ascent gradient is taken on the first
-    `sam_examples` of this device's batch and is not averaged across devices; each device moves its
-    params by rho * g / ||g|| (global norm over all params)."""
-    part = jax.tree.map(lambda x: x[0, :self.sam_examples], micro)
+  def _sam_point(self, params, examples, rng):
+    """SAM's perturbed params, as the paper runs it (App. A.4): the ascent gradient is taken on
+    `sam_batch_fraction` of this device's batch (spread over it: `sam_ascent_examples`) and is not
+    averaged across devices; each device moves its params by rho * g / ||g|| (global norm)."""
+    part = jax.tree.map(lambda x: x[self.sam_examples], examples)
     (_, _), g = jax.value_and_grad(self._loss, has_aux=True)(
         params, part['images'], part['labels'], part['hard_labels'], rng)
     scale = self.config.optimizer.sam_rho / jnp.maximum(optax.tree.norm(g), 1e-12)
     return optax.tree.add_scale(params, scale, g)
-
-  def _gradient_step(self, state: TrainState, batch: Dict[str, jax.Array], grad_buffers):
-    """The first program of a train step: the gradient averaged over all devices, and the metrics.
-
-    `batch`: uint8 `images` and int `labels` (nfnets.data.train_iterator). The whole device batch is
-    augmented first, then split into micro-batches, so accumulation sees the same examples as one big batch.
-    `grad_buffers`: the previous step's gradient, donated and never read; XLA writes the new gradient
-    into its buffers. A fresh params-sized gradient every step left glibc's heap fragmented: F0's peak
-    RSS on CPU was 2.71 GiB after 5 steps with fresh outputs, 2.50 GiB with these buffers.
-    """
-    del grad_buffers
-    cfg = self.config
-    # A key per step and device (the device index runs over all processes' devices).
-    step_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), jax.lax.axis_index(AXIS))
-    images, targets, hard = device_augment.augment_batch(
-        batch['images'], batch['labels'], jax.random.fold_in(step_rng, AUGMENT_STREAM), **self.augment)
-    examples = {'images': images, 'labels': targets, 'hard_labels': hard}
-    micro = jax.tree.map(lambda x: x.reshape((cfg.grad_accum_steps, -1) + x.shape[1:]), examples)
-    at = state.params
-    if cfg.optimizer.sam_rho:
-      at = self._sam_point(state.params, micro, jax.random.fold_in(step_rng, cfg.grad_accum_steps))
-    grads, loss, top1 = self._batch_gradient(at, micro, step_rng)
-    # Average over devices before AGC, so clipping sees the full-batch gradient.
-    grads, loss, top1 = jax.lax.pmean((grads, loss, top1), AXIS)
-
-    metrics = {'loss': loss, 'top1': top1, 'lr': self.schedule(state.step),
-               'grad_norm': optax.tree.norm(grads), 'clip_fraction': jnp.zeros(())}
-    if cfg.optimizer.agc.enabled:
-      metrics['clip_fraction'] = nfnets.clip_fraction(
-          grads, state.params, cfg.optimizer.agc.clipping, cfg.optimizer.agc.eps,
-          mask=param_groups.agc_mask(state.params))
-    return grads, metrics
-
-  def _optimizer_step(self, state: TrainState, grads, metrics):
-    """The second program of a train step: the configured optax transformation, then the EMA.
-
-    `tx.update` and `optax.apply_updates` on the donated state, guarded: a non-finite loss or gradient
-    leaves the state untouched and records the step, so no bad state is ever saved. The guard is a
-    `lax.cond`, not `where(finite, new, old)`: with the select, the fusions that write the new params and
-    momentum also read the old ones, so XLA copied both first (F0 on CPU: 170 vs 59 ms per call, and a
-    params-sized temporary); in a conditional branch they are updated in place.
-    """
-    finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
-
-    def update(state):
-      updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-      params = optax.apply_updates(state.params, updates)
-      t = state.step.astype(jnp.float32)
-      decay = jnp.minimum(self.config.ema_decay, (1.0 + t) / (10.0 + t))
-      ema_params = jax.tree.map(lambda e, p: e * decay + p * (1.0 - decay), state.ema_params, params)
-      return params, opt_state, ema_params
-
-    params, opt_state, ema_params = jax.lax.cond(
-        finite, update, lambda state: (state.params, state.opt_state, state.ema_params), state)
-    return TrainState(
-        step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params, rng=state.rng,
-        bad_step=jnp.where((state.bad_step < 0) & ~finite, state.step, state.bad_step))
 
   def _eval_step(self, params, ema_params, batch):
     """Sums over the global batch (psum) of correct top-1/top-5 and loss, for raw and EMA params, on
@@ -331,7 +319,9 @@ class Experiment:
     return self._on_devices(it)
 
   def _on_devices(self, it):
-    return data_lib.prefetch_to_device(it, 2, sharding=self.sharding)
+    # The host pipeline's [local devices, per device, ...] batches, as this process's slice of the batch.
+    flat = ({k: v.reshape((-1,) + v.shape[2:]) for k, v in b.items()} for b in it)
+    return devices_lib.prefetch(flat, self.mesh, 2)
 
   def train_input(self) -> dict:
     """What the host train input needs from the model: image size and class count."""
@@ -359,7 +349,7 @@ class Experiment:
                                 image_size=image_size, num_local_devices=self.local_devices)
     totals = None
     for batch in self._on_devices(it):
-      out = first_local(self.eval_step(state.params, state.ema_params, batch))
+      out = devices_lib.to_host(self.eval_step(state.params, state.ema_params, batch))
       totals = out if totals is None else {k: totals[k] + out[k] for k in out}
     if not totals or totals['count'] == 0:
       raise ValueError(f'Eval split {cfg.dataset.eval_split!r} of {cfg.dataset.name!r} is empty')

@@ -4,18 +4,18 @@
   python -m benchmarks.bench --config=configs/f0.py --variant=auto,xla      # lowerings side by side, one process
   python -m benchmarks.bench --config=configs/f0.py --mode=eval --json=/tmp/eval.json
 
-The step timed is the experiment's train step (its two programs, gradients then optimizer, with the state
-donated) on one device, compiled by
-`Experiment.compile_train_step` and fed batches placed with `Experiment.put`, so it compiles and runs
-exactly as in training (config.cpu_memory_scheduler included; override it with --cpu_memory_scheduler).
+The step timed is the experiment's train step (one program, the state donated) on one device, compiled by
+`Experiment.compile_train_step` and fed batches placed with `Experiment.put_batch`, so it compiles and runs
+exactly as in training (on CPU config.cpu_memory_scheduler included; override it with
+--cpu_memory_scheduler).
 Several comma-separated --variant values (conv lowerings, see nfnets/conv.py) are compiled in the same
 process and timed round-robin, so a noisy shared machine slows them alike.
 
 Memory: `peak_memory_bytes` is the process's peak resident set (getrusage ru_maxrss) at the end of the
 run, so it covers Python, the libraries, the compiled step, the state and the step's buffers (TensorFlow is
 not imported: the batch is synthetic). The step is compiled from shapes before the state exists; then, as
-in training, JAX's tracing and compile caches are dropped and the compiler's freed heap is returned to
-the OS before the state is built. It describes one variant only when one is benchmarked;
+in training, `nfnets.cpu.after_compile` runs (on CPU: JAX's in-memory caches dropped, the compiler's freed
+heap returned to the OS) before the state is built. It describes one variant only when one is benchmarked;
 `xla_memory_bytes` is XLA's own estimate for each compiled step (arguments + outputs + temporaries -
 donated aliases). That estimate is compared with the machine's available memory right after
 compiling, and a variant that cannot fit stops with a message naming the memory needed.
@@ -34,9 +34,11 @@ import numpy as np
 
 import experiment
 import nfnets
+from benchmarks import process_memory
 from nfnets import conv as conv_lib
-from nfnets import memory
-from nfnets import tuning
+from nfnets import cpu
+from nfnets.cpu import tuning
+from nfnets.devices import SPLIT
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/f0.py', 'A config file from configs/.')
 _VARIANT = flags.DEFINE_string('variant', 'auto',
@@ -59,21 +61,18 @@ class DoesNotFitError(RuntimeError):
 
 
 def xla_memory_bytes(compiled) -> int:
-  """XLA's estimate of a compiled step's memory: arguments + outputs + temporaries - aliased, of its
-  largest program (the train step runs two, one after the other: gradients, then the optimizer)."""
-  def one(program):
-    m = program.memory_analysis()
-    if isinstance(m, (list, tuple)):
-      m = m[0]
-    if m is None:
-      return 0
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-               + m.generated_code_size_in_bytes - m.alias_size_in_bytes)
-  return max(one(p) for p in getattr(compiled, 'programs', (compiled,)))
+  """XLA's estimate of a compiled step's memory: arguments + outputs + temporaries - aliased."""
+  m = compiled.memory_analysis()
+  if isinstance(m, (list, tuple)):
+    m = m[0]
+  if m is None:
+    return 0
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+             + m.generated_code_size_in_bytes - m.alias_size_in_bytes)
 
 
 def check_fits(needed: int, label: str, available: int = None):
-  available = memory.available_memory_bytes() if available is None else available
+  available = process_memory.available_memory_bytes() if available is None else available
   if needed > available:
     raise DoesNotFitError(
         f'{label} needs about {needed / 2**30:.2f} GiB (XLA estimate of the compiled step), but only '
@@ -119,15 +118,15 @@ def synthetic_batch(xp, mode: str, place: bool = True):
   """A batch as the input pipeline delivers it: uint8 train pixels (fake data: the step only normalises
   them, as timm's step takes ready tensors) or float 0..255 eval crops, and int labels."""
   rng = np.random.default_rng(0)
-  n, b = xp.local_devices, xp.per_device_batch
+  n = xp.local_devices * xp.per_device_batch
   size = xp.image_size if mode == 'train' else xp.eval_image_size
-  labels = rng.integers(0, xp.config.model.num_classes, size=(n, b)).astype(np.int32)
+  labels = rng.integers(0, xp.config.model.num_classes, size=(n,)).astype(np.int32)
   if mode == 'eval':
-    batch = {'images': rng.uniform(0, 255, (n, b, size, size, 3)).astype(np.float32), 'labels': labels,
-             'mask': np.ones((n, b), np.float32)}
+    batch = {'images': rng.uniform(0, 255, (n, size, size, 3)).astype(np.float32), 'labels': labels,
+             'mask': np.ones((n,), np.float32)}
   else:
-    batch = {'images': rng.integers(0, 256, (n, b, size, size, 3)).astype(np.uint8), 'labels': labels}
-  return xp.put(batch) if place else batch
+    batch = {'images': rng.integers(0, 256, (n, size, size, 3)).astype(np.uint8), 'labels': labels}
+  return xp.put_batch(batch) if place else batch
 
 
 class Runner:
@@ -138,25 +137,24 @@ class Runner:
     self.xp = xp = experiment.Experiment(config, devices=jax.local_devices()[:1])
     # Compile from shapes alone, before the state exists, so the compiler's working memory and the
     # state are never resident together; then hand the compiler's freed heap back to the OS.
-    shapes = xp.abstract_replicated(xp.state_shapes())
+    shapes = xp.state_shapes()
     host_batch = synthetic_batch(xp, mode, place=False)
-    batch_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=xp.sharding),
-                                host_batch)
+    split = jax.sharding.NamedSharding(xp.mesh, SPLIT)
+    batch_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=split), host_batch)
     t = time.perf_counter()
-    if mode == 'train':  # exactly as the trainer compiles it (memory scheduler option, caches freed)
+    if mode == 'train':  # exactly as the trainer compiles it
       self.compiled = xp.compile_train_step(shapes, batch_shapes)
     else:
       self.compiled = xp.eval_step.lower(shapes.params, shapes.ema_params, batch_shapes).compile()
+      cpu.after_compile()
     self.compile_time_s = time.perf_counter() - t
-    if mode != 'train':  # compile_train_step already did this
-      memory.drop_compile_caches()
-    self.rss_after_compile = memory.peak_rss_bytes()
+    self.rss_after_compile = process_memory.peak_rss_bytes()
     self.xla_memory_bytes = xla_memory_bytes(self.compiled)
     check_fits(self.xla_memory_bytes, f'{config.model.name} {mode} step ({variant}, batch {config.batch_size})')
-    self.batch = xp.put(host_batch)
+    self.batch = xp.put_batch(host_batch)
     self.state = jax.block_until_ready(xp.init_state())
-    memory.drop_compile_caches()  # the state constructor's; in training, the step's compile drops them
-    self.rss_after_init = memory.peak_rss_bytes()
+    cpu.after_compile()  # the state constructor's compile; in training, the step's compile runs it last
+    self.rss_after_init = process_memory.peak_rss_bytes()
     self.times, self.cpu_times = [], []
 
   def step(self):
@@ -174,7 +172,7 @@ class Runner:
 
 
 def tuning_report() -> dict:
-  """The op implementations measured and chosen in this process (see nfnets/tuning.py), with a count of
+  """The op implementations measured and chosen in this process (see nfnets/cpu/tuning.py), with a count of
   each choice per op: e.g. {'conv_kernel_grad': {'split': 9, 'matmul': 12}}."""
   choices = tuning.used_choices()
   summary = {}
@@ -210,7 +208,7 @@ def run(config, variants, mode='train', batch_size=8, resolution=None, dtype='fl
   peaks = {d: measure_matmul_peak(jnp.dtype(d), peak_matmul_n) for d in sorted({'float32', 'bfloat16', dtype})}
   peak = peaks[dtype]
   tuned = tuning_report()
-  rss = memory.peak_rss_bytes()
+  rss = process_memory.peak_rss_bytes()
   results = []
   for r in runners:
     xp = r.xp
@@ -259,7 +257,7 @@ def main(argv):
           f"{r['peak_memory_bytes'] / 2**30:.2f} GiB, XLA estimate {r['xla_memory_bytes'] / 2**30:.2f} GiB")
   tuned = results[0]['tuning']
   if tuned['summary']:
-    print('measured choices (nfnets/tuning.py): ' + '; '.join(
+    print('measured choices (nfnets/cpu/tuning.py): ' + '; '.join(
         f"{op} {dict(sorted(c.items()))}" for op, c in sorted(tuned['summary'].items())))
   peaks = results[0]['matmul_peak_flops_per_sec']
   print(f"matmul peak: float32 {peaks['float32'] / 1e9:.0f}, bfloat16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s")

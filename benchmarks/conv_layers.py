@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from nfnets import conv as conv_lib
-from nfnets import tuning
+from nfnets.cpu import tuning
 
 B = 8
 # (name, H_in, Cin, Cout, k, stride, groups, count in F0)

@@ -34,8 +34,8 @@ _JSON = flags.DEFINE_string('json', None, 'Write the results here as JSON.')
 def _batch(n, per_device, size, num_classes, seed=0):
   """A host train batch as the input pipeline gives it: uint8 images, int labels."""
   rng = np.random.default_rng(seed)
-  return {'images': rng.integers(0, 256, (n, per_device, size, size, 3)).astype(np.uint8),
-          'labels': rng.integers(0, num_classes, (n, per_device)).astype(np.int32)}
+  return {'images': rng.integers(0, 256, (n * per_device, size, size, 3)).astype(np.uint8),
+          'labels': rng.integers(0, num_classes, (n * per_device,)).astype(np.int32)}
 
 
 def main(argv):
@@ -56,7 +56,7 @@ def main(argv):
     if _RES.value:
       cfg.dataset.image_size = _RES.value
     xp = experiment.Experiment(cfg, devices=available[:n])
-    batch = xp.put(_batch(n, _PER_DEVICE.value, xp.image_size, cfg.model.num_classes))
+    batch = xp.put_batch(_batch(n, _PER_DEVICE.value, xp.image_size, cfg.model.num_classes))
     t = time.time()
     state = xp.init_state()
     state, metrics = xp.train_step(state, batch)

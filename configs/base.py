@@ -3,6 +3,8 @@
 Variant files call `get_config(model_name)` and change only what differs. Fields left as None are filled
 from the model registry (`nfnets.registry`) or the dataset at run time, so no number lives in two places.
 """
+import os
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -26,10 +28,12 @@ def get_config(model_name: str = 'F0') -> ml_collections.ConfigDict:
   c.eval_batch_size = 500             # global; the last batch is padded and masked
   c.init_from = ''                    # a checkpoint or released weights to initialise params from
   c.remat = False                     # jax.checkpoint each block: less memory, ~30% more compute
-                                      # (on XLA:CPU it saves little: README, Performance, Memory)
-  # CPU only: compile the train step with XLA's memory-optimized instruction scheduler instead of its
-  # concurrency-optimized default (F0, batch 8: peak RSS 2.83 -> 2.50 GiB; README "Memory").
+  # XLA:CPU only (ignored on GPU/TPU): compile the train step with XLA's memory-optimised instruction
+  # scheduler instead of its concurrency-optimised default (docs/performance.md, Memory).
   c.cpu_memory_scheduler = True
+  # JAX's persistent compilation cache: a restarted run (or another run of the same step) loads its compiled
+  # programs from here instead of compiling them again. '' turns it off.
+  c.compilation_cache_dir = os.path.join(os.environ.get('XDG_CACHE_HOME') or '~/.cache', 'nfnets', 'jax')
 
   c.model = ml_collections.ConfigDict()
   c.model.name = model_name           # a registry name: 'F0'..'F7', 'F0+'..'F7+', 'nf_resnet50', ...

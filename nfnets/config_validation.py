@@ -124,6 +124,8 @@ def _rules():
       ('eval_batch_size', _int_min(1), False),
       ('remat', _BOOL, False),
       ('cpu_memory_scheduler', _BOOL, False),
+      ('compilation_cache_dir', (lambda v: isinstance(v, str), "must be a folder path, or '' for none"),
+       False),
       ('model.num_classes', _int_min(1), False),
       ('model.drop_rate', _unit(hi_closed=False), True),
       ('model.stochdepth_rate', _unit(hi_closed=False), False),
@@ -337,8 +339,8 @@ def _check_ra_ops(config, problems: List[str]) -> None:
 
 
 def _check_tuning_switch(problems: List[str]) -> None:
-  """The NFNETS_TUNING environment variable (nfnets/tuning.py) is read while compiling: check it first."""
-  from nfnets import tuning  # pylint: disable=g-import-not-at-top
+  """The NFNETS_TUNING environment variable (nfnets/cpu/tuning.py) is read while compiling: check it first."""
+  from nfnets.cpu import tuning  # pylint: disable=g-import-not-at-top
   try:
     tuning.enabled()
   except ValueError as e:

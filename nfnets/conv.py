@@ -9,14 +9,14 @@ they differ only in speed:
   'tapgrad' as 'matmul', but the kernel gradient of k x k convolutions is a sum over the k*k taps of
             (strided slice of the input)^T @ (output gradient) matmuls (custom VJP).
   'auto'    'xla' on GPU/TPU. On CPU, each direction of each convolution shape (the forward, the input
-            gradient, the kernel gradient) gets its own lowering, the fastest on this machine as
-            `nfnets.tuning` measured it (cached per CPU model and JAX version): candidates are XLA's
-            convolution, one convolution per group, matmuls for 1x1 convolutions, and for dense k x k
-            convolutions im2col matmuls (patches @ kernel, patches^T @ output gradient) and the tap sum.
+            gradient, the kernel gradient) gets its own lowering, chosen by `nfnets.cpu.conv_lowering`
+            among the candidates below: XLA's convolution, one convolution per group, matmuls for 1x1
+            convolutions, and for dense k x k convolutions im2col matmuls (patches @ kernel,
+            patches^T @ output gradient) and the tap sum.
 
-Why measure: XLA:CPU runs the backward pass of grouped convolutions ~10x slower than the same work as
-dense convolutions, and the best form of a kernel gradient changes with the CPU and the XLA version
-(benchmarks/conv_layers.py measures every F0 convolution under each lowering).
+Why several lowerings: XLA:CPU runs the backward pass of grouped convolutions much slower than the same work
+as dense convolutions, and the best form of a kernel gradient changes with the CPU and the XLA version
+(benchmarks/conv_layers.py measures every F0 convolution under each lowering; docs/performance.md).
 """
 import functools
 from typing import Callable, Dict, NamedTuple, Optional, Tuple
@@ -25,14 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nfnets import tuning
+from nfnets import cpu
 
 IMPLS = ('auto', 'xla', 'split', 'matmul', 'tapgrad')
 _DIMS = ('NHWC', 'HWIO', 'NHWC')
 _DIRECTIONS = ('forward', 'input_grad', 'kernel_grad')
-# Below this many multiply-adds a convolution takes microseconds whichever way it is lowered: measuring
-# it would cost more than it could save, so it gets the default lowering.
-MIN_TUNED_MACS = 2 ** 24
 
 
 def resolve_impl(impl: str, groups: int = 1) -> str:
@@ -42,7 +39,7 @@ def resolve_impl(impl: str, groups: int = 1) -> str:
     raise ValueError(f'Unknown conv_impl {impl!r}; accepted: {IMPLS}')
   if impl != 'auto':
     return impl
-  return 'tuned' if jax.default_backend() == 'cpu' else 'xla'
+  return 'tuned' if cpu.active() else 'xla'
 
 
 def _dense(x, w, stride, padding, groups=1):
@@ -192,23 +189,14 @@ def _kernel_grad_lowerings(s: ConvShape) -> Dict[str, Callable]:
   return c
 
 
-def _default(s: ConvShape) -> str:
-  """The untuned choice: matmuls for 1x1, per-group convolutions for grouped k x k, else XLA's conv."""
-  return 'matmul' if s.is_1x1 else 'split' if s.groups > 1 else 'xla'
-
-
 def _lowering(direction: str, s: ConvShape, candidates: Dict[str, Callable], arg_shapes,
               fixed: Optional[Tuple[str, str, str]]) -> Callable:
-  """The lowering of one direction: `fixed[direction]` when given, else measured (`nfnets.tuning`)."""
+  """The lowering of one direction: `fixed[direction]` when given, else XLA:CPU's measured choice."""
   if fixed is not None:
     return candidates[fixed[_DIRECTIONS.index(direction)]]
-  default = _default(s)
-  if s.macs < MIN_TUNED_MACS:
-    return candidates[default]
   dtype = jnp.dtype(s.dtype)
-  name = tuning.choose(f'conv_{direction}', s.key, candidates,
-                       lambda: tuning.random_args(*[(shape, dtype) for shape in arg_shapes]), default)
-  return candidates[name]
+  make_args = lambda: cpu.tuning.random_args(*[(shape, dtype) for shape in arg_shapes])
+  return candidates[cpu.conv_lowering(direction, s, candidates, make_args)]
 
 
 def _shape_of(x, w, stride, padding, groups) -> ConvShape:
@@ -218,7 +206,7 @@ def _shape_of(x, w, stride, padding, groups) -> ConvShape:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def _conv_per_direction(x, w, stride, padding, groups, fixed):
   """A convolution whose forward, input gradient and kernel gradient each have their own lowering:
-  `fixed` (forward, input_grad, kernel_grad) names, or None to measure each on this machine."""
+  `fixed` (forward, input_grad, kernel_grad) names, or None for XLA:CPU's measured choice of each."""
   s = _shape_of(x, w, stride, padding, groups)
   return _lowering('forward', s, _forward_lowerings(s), (s.x, s.w), fixed)(x, w)
 

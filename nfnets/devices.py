@@ -1,28 +1,30 @@
 """Per-device code over all devices of all processes: pmap's semantics, compiled with jit + shard_map.
 
-Device code is written for one device, with its collectives (`lax.pmean`, `lax.psum`) over the axis
-`AXIS`. Every array it takes and returns has a leading device axis: the replicated train state holds one
-copy per device, a batch one slice per device. `map_per_device` compiles such code one way for a single
-process and for many: `jax.jit(jax.shard_map(fn on the squeezed block))` over a 1-D mesh of every
-device. Each device's block has size 1 along the device axis; `fn` sees it without that axis (a bitcast,
-so XLA still updates a donated state in place). Vmapping over the size-1 axis instead would compute the
-same thing, but XLA:CPU then reduces over [1, fan_in, out] weights (weight standardisation, AGC) ~10x
-slower than over [fan_in, out].
+Device code is written for one device, with its collectives (`lax.pmean`, `lax.psum`) over the one axis
+`AXIS` of a 1-D mesh of every device. What it takes and returns are global arrays of two kinds:
 
-Host data enters through `put`, which builds global arrays from each process's local part (leading axis:
-the local devices); `first_local` reads one device's copy back on every process.
+  REPLICATED (`P()`)   the train state, metrics, eval sums: every device holds the whole array;
+  SPLIT (`P(AXIS)`)    batches: the leading axis is split over the devices, each device sees its slice.
+
+`map_per_device` compiles such code one way for one process and for many: `jax.jit(jax.shard_map(...))`.
+Host data enters through `put_replicated` (the same tree on every process) and `put_batch` (each process
+its own part of the global batch); `to_host` reads a replicated tree back as NumPy on every process.
 """
-import functools
-from typing import Callable, Optional, Sequence
+import collections
+from typing import Callable, Iterator, Optional, Sequence
 
 import jax
+from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 
-AXIS = 'devices'  # the one axis every collective reduces over
+AXIS = 'devices'                     # the one axis every collective reduces over
+REPLICATED = PartitionSpec()         # the state: a whole copy on every device
+SPLIT = PartitionSpec(AXIS)          # a batch: its leading axis split over the devices
 
 
 def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> jax.sharding.Mesh:
-  """A 1-D mesh over `devices` (default: every device of every process, each process's together).
+  """A 1-D mesh over `devices` (default: every device of every process, each process's together, so a
+  process's part of a batch is one contiguous slice of the global batch).
 
   A subset of the devices is only meaningful in a single-process run: with several processes every
   device must take part, or collectives would reduce over some processes only.
@@ -34,57 +36,54 @@ def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> jax.sharding.Me
   return jax.sharding.Mesh(np.array(list(devices)), (AXIS,))
 
 
-def device_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
-  """Leading axis split over the devices: one slice (or one replica) per device."""
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
-
-
 def local_device_count(mesh: jax.sharding.Mesh) -> int:
   return sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
 
 
-def map_per_device(fn: Callable, mesh: jax.sharding.Mesh, num_args: int,
+def map_per_device(fn: Callable, mesh: jax.sharding.Mesh, in_specs, out_specs,
                    donate_argnums: Sequence[int] = ()) -> Callable:
-  """Compiles per-device `fn(*args)` over the mesh; every argument and output has the device axis.
+  """Compiles per-device `fn` over the mesh: each argument and output is REPLICATED or SPLIT as its spec
+  (a prefix of its tree) says; donated arguments lend their buffers to the outputs.
 
-  Arguments `fn` does not read are kept (`keep_unused`), so a donated one still lends its buffers to the
-  outputs of the same shape instead of being dropped from the program.
+  pmap's semantics (`check_vma=False`, as jax.pmap itself compiles): a value is per device until a
+  collective combines it. With shard_map's varying-value tracking on, the gradient of a replicated param
+  would instead be summed over the devices implicitly, so SAM's per-device ascent could not be written
+  and `pmean` would no longer be the only place where gradients meet.
   """
-  spec = jax.sharding.PartitionSpec(AXIS)
-  mapped = jax.shard_map(_squeezed(fn), mesh=mesh, in_specs=(spec,) * num_args, out_specs=spec)
-  return jax.jit(mapped, donate_argnums=tuple(donate_argnums), keep_unused=True)
+  mapped = jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+  return jax.jit(mapped, donate_argnums=tuple(donate_argnums))
 
 
-def _squeezed(fn: Callable) -> Callable:
-  """fn on one device's block (size 1 along the device axis) with that axis dropped, then restored."""
-  @functools.wraps(fn)   # the compiled program keeps fn's name (profiles, HLO dumps)
-  def on_block(*args):
-    out = fn(*jax.tree.map(lambda x: x[0], args))
-    return jax.tree.map(lambda y: y[None], out)
-  return on_block
+def put_replicated(tree, mesh: jax.sharding.Mesh):
+  """Global arrays holding a host tree (the same on every process) whole on every device.
 
-
-def replicate(tree, n: int):
-  """Stacks a host tree along a new leading device axis (a view: no copy)."""
-  return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), tree)
-
-
-def put(local_tree, sharding: jax.sharding.NamedSharding):
-  """Global arrays from this process's part of a tree (leading axis: its local devices).
-
-  Asynchronous. In a single-process run this is `jax.device_put`; with several processes each one passes
-  its own local slices and gets the global array they form together.
+  Always copied (`may_alias=False`): the buffers belong to the devices, so a train step can update the
+  donated state in place.
   """
-  if jax.process_count() == 1:
-    return jax.device_put(local_tree, sharding)
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-                      local_tree)
+  return jax.device_put(tree, NamedSharding(mesh, REPLICATED), may_alias=False)
 
 
-def first_local(tree):
-  """This process's first device's copy of a replicated tree (or its slice of a split one), as NumPy."""
-  def first(x):
-    if hasattr(x, 'addressable_shards'):
-      x = x.addressable_shards[0].data
-    return np.asarray(x)[0, ...]  # `[0, ...]`: a 0-d array for a scalar leaf, not a NumPy scalar
-  return jax.tree.map(first, tree)
+def put_batch(local_tree, mesh: jax.sharding.Mesh):
+  """Global arrays split over the devices along the leading axis, from this process's part of each
+  (its contiguous slice of the global batch: `make_mesh` keeps each process's devices together)."""
+  sharding = NamedSharding(mesh, SPLIT)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_tree)
+
+
+def prefetch(batches: Iterator, mesh: jax.sharding.Mesh, size: int = 2) -> Iterator:
+  """Yields each host batch already on the devices (`put_batch`), `size` batches ahead, so copies overlap
+  compute."""
+  if size < 1:
+    raise ValueError(f'prefetch size must be >= 1, got {size}')
+  queue = collections.deque()
+  for batch in batches:
+    queue.append(put_batch(batch, mesh))   # asynchronous
+    if len(queue) > size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
+
+
+def to_host(tree):
+  """A replicated tree (or any fully addressable one) as NumPy arrays, on every process."""
+  return jax.device_get(tree)

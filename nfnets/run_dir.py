@@ -34,7 +34,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from nfnets.devices import first_local
+from nfnets.devices import to_host
 from nfnets.train_state import TrainState
 
 STATE_FIELDS = TrainState._fields
@@ -124,7 +124,7 @@ class RunDir:
 
   def save(self, step: int, state) -> None:
     """Saves a replicated (device) state; raises if orbax declines the step (a newer one exists)."""
-    host = first_local(state)
+    host = to_host(state)
     tree = {k: getattr(host, k) for k in STATE_FIELDS}
     saved = self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(self._meta(step, host.params))))

@@ -1,4 +1,4 @@
-"""The train state: one copy per device, with a leading device axis (see `nfnets.devices`)."""
+"""The train state: a tree of global arrays, replicated over the devices (see `nfnets.devices`)."""
 from typing import Any, NamedTuple
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from nfnets import config_validation
 from nfnets import run_dir
-from nfnets.devices import first_local
+from nfnets.devices import to_host
 from nfnets.train_state import TrainState
 
 
@@ -53,7 +53,7 @@ class Trainer:
     cfg = self.config
     state = self.restore_or_init()
     self.io.write_config()
-    step = int(first_local(state.step))
+    step = int(to_host(state.step))
     if step >= cfg.training_steps:
       logging.info('Checkpoint is at step %d >= training_steps %d: nothing to train.', step,
                    cfg.training_steps)
@@ -86,7 +86,7 @@ class Trainer:
       if step % cfg.log_every == 0 or last or self._stop_requested:
         self._check_finite(state)
         now = time.time()
-        fetched = first_local(pending)  # the only host sync: once per log interval
+        fetched = to_host(pending)  # the only host sync: once per log interval
         summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
         summary['lr'] = float(fetched[-1]['lr'])
         summary['steps_per_sec'] = (step - step_last) / max(now - t_last, 1e-9)
@@ -107,7 +107,7 @@ class Trainer:
     return state
 
   def _check_finite(self, state: TrainState):
-    bad = int(first_local(state.bad_step))
+    bad = int(to_host(state.bad_step))
     if bad >= 0:
       self.io.close()
       raise NonFiniteLossError(
@@ -126,7 +126,7 @@ class Trainer:
       raise config_validation.ConfigError(
           f'--mode=eval: no checkpoint in {self.io.checkpoint_dir} and no init_from to evaluate; train '
           'first or pass --config.init_from=PATH')
-    step = int(first_local(state.step))
+    step = int(to_host(state.step))
     results = []
     for size in image_sizes or [None]:
       results.append(self.xp.evaluate(state, size))

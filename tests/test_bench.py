@@ -10,8 +10,8 @@ import pytest
 
 from benchmarks import bench
 from configs import demo
-from nfnets import memory
-from nfnets import tuning
+from nfnets import cpu
+from nfnets.cpu import tuning
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ('images_per_sec', 'step_time_s', 'compile_time_s', 'flops_per_sec', 'mfu', 'peak_memory_bytes')
@@ -72,8 +72,8 @@ def test_fake_data_paths_do_not_import_tensorflow():
           'from nfnets import data\n'
           'data.train_iterator\n'
           'assert "tensorflow" in sys.modules\n'
-          'from nfnets import memory\n'
-          'assert memory.peak_rss_bytes() > 50 * 2**20\n')
+          'from benchmarks import process_memory\n'
+          'assert process_memory.peak_rss_bytes() > 50 * 2**20\n')
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert out.returncode == 0, out.stderr[-2000:]
@@ -96,5 +96,5 @@ def test_release_free_memory_returns_freed_heap_to_the_os():
   for b in blocks:
     libc.free(ctypes.c_void_p(b))
   before = _rss_bytes()
-  assert memory.release_free_memory() is True
+  assert cpu.release_free_memory() is True
   assert _rss_bytes() < before - 100 * 2**20

@@ -7,7 +7,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from configs import base
-from nfnets import data, devices, registry
+from nfnets import data, registry
 from nfnets.data import preprocess, sources
 
 
@@ -155,23 +155,6 @@ def test_imagenet_missing_gives_instructions(tmp_path):
   config.data_dir = str(tmp_path)
   with pytest.raises(FileNotFoundError, match=r'ILSVRC2012_img_train.tar.*downloads/manual'):
     data.dataset_info(config)
-
-
-def test_prefetch_to_device_feeds_the_step_without_a_copy():
-  n = jax.local_device_count()
-  batches = [{'x': np.full((n, 2, 3), i, np.float32)} for i in range(4)]
-  on_device = list(data.prefetch_to_device(iter(batches), 2))
-  assert [float(b['x'][0, 0, 0]) for b in on_device] == [0., 1., 2., 3.]
-  x = on_device[1]['x']
-  assert [s.device for s in x.addressable_shards] == jax.local_devices()
-  # A device-mapped step copies an input only when its sharding is not equivalent to its own; a committed
-  # array with another sharding is even rejected, so equivalence means no copy.
-  mesh = devices.make_mesh()
-  assert x.sharding.is_equivalent_to(devices.device_sharding(mesh), x.ndim)
-  step = devices.map_per_device(lambda v: v + 1, mesh, 1, donate_argnums=(0,))
-  np.testing.assert_array_equal(step(x), np.full((n, 2, 3), 2.))
-  with pytest.raises(ValueError, match='leading axis'):
-    next(data.prefetch_to_device(iter([{'x': np.zeros((n + 1, 2))}])))
 
 
 def test_shards_and_holdout_follow_the_reference():

@@ -1,13 +1,22 @@
-"""The pmapped train step: 1 vs 4 devices, accumulation vs big batch, resume vs uninterrupted, NaN stop."""
+"""The device-mapped train step: 1 vs 4 devices, accumulation vs big batch, resume vs uninterrupted, NaN stop."""
+import importlib.util
+import json
+import os
+import shutil
+
 import jax
+from jax.sharding import NamedSharding
 import numpy as np
 import pytest
 
-import experiment
-from nfnets import trainer as trainer_lib
-from nfnets.data import normalize
 from configs import demo
-from nfnets.devices import first_local
+import experiment
+from nfnets import cpu
+from nfnets import devices
+from nfnets import trainer as trainer_lib
+from nfnets.data import device_augment
+from nfnets.data import normalize
+from nfnets.devices import AXIS, REPLICATED, SPLIT, to_host
 
 
 def tiny_config(**kw):
@@ -34,26 +43,28 @@ def tiny_config(**kw):
 
 
 def fake_batch(n_devices, per_device, size=32, num_classes=10, seed=0, dtype=np.uint8):
-  """A host train batch as the input pipeline gives it: pixels 0..255 and int labels."""
+  """A host train batch as the input pipeline gives it: pixels 0..255 and int labels, n_devices x
+  per_device examples (device d's slice is [d * per_device, (d + 1) * per_device))."""
   rng = np.random.default_rng(seed)
-  images = rng.integers(0, 256, size=(n_devices, per_device, size, size, 3)).astype(dtype)
-  labels = rng.integers(0, num_classes, size=(n_devices, per_device)).astype(np.int32)
+  images = rng.integers(0, 256, size=(n_devices * per_device, size, size, 3)).astype(dtype)
+  labels = rng.integers(0, num_classes, size=(n_devices * per_device,)).astype(np.int32)
   return {'images': images, 'labels': labels}
 
 
-def loss_inputs(batch, device, num_classes=10):
-  """(normalised images, one-hot targets, labels) of one device's batch: what the step trains on when
-  nothing is augmented (the tiny config's digits recipe; test_device_augment checks that path)."""
-  labels = batch['labels'][device]
-  return normalize.normalize(batch['images'][device]), np.eye(num_classes, dtype=np.float32)[labels], labels
+def loss_inputs(batch, device, num_devices=1, num_classes=10):
+  """(normalised images, one-hot targets, labels) of one device's slice of the batch: what the step trains
+  on when nothing is augmented (the tiny config's digits recipe; test_device_augment checks that path)."""
+  part = slice(device * len(batch['labels']) // num_devices, (device + 1) * len(batch['labels']) // num_devices)
+  labels = batch['labels'][part]
+  return normalize.normalize(batch['images'][part]), np.eye(num_classes, dtype=np.float32)[labels], labels
 
 
 def run_steps(xp, steps=2, seed=0):
   state = xp.init_state()
   n = xp.local_devices
   for i in range(steps):
-    state, metrics = xp.train_step(state, xp.put(fake_batch(n, xp.per_device_batch, seed=seed + i)))
-  return first_local(state), first_local(metrics)
+    state, metrics = xp.train_step(state, xp.put_batch(fake_batch(n, xp.per_device_batch, seed=seed + i)))
+  return to_host(state), to_host(metrics)
 
 
 def assert_trees_close(a, b, rtol=2e-5, atol=2e-6):
@@ -71,7 +82,7 @@ def test_one_device_equals_four_devices():
   assert_trees_close(s1.ema_params, s4.ema_params)
   np.testing.assert_allclose(m1['loss'], m4['loss'], rtol=1e-5)
   # The update actually moved the params (LR > 0 after the first step).
-  init = first_local(experiment.Experiment(cfg).init_state())
+  init = to_host(experiment.Experiment(cfg).init_state())
   moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(s4.params),
                                                           jax.tree.leaves(init.params)))
   assert moved > 1e-4
@@ -85,7 +96,7 @@ def test_device_built_state_equals_host_built_state():
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(cfg.seed))
   on_device = xp.init_state()
   from_host = xp.state_from_params(xp.init_params(init_rng), train_rng)
-  a, b = first_local(on_device), first_local(from_host)
+  a, b = to_host(on_device), to_host(from_host)
   assert jax.tree.structure(a) == jax.tree.structure(b)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -93,10 +104,10 @@ def test_device_built_state_equals_host_built_state():
   # The EMA starts equal to the params but in its own buffers (both are donated to the step).
   leaf = lambda t: jax.tree.leaves(t)[0].addressable_shards[0].data
   assert leaf(on_device.params).unsafe_buffer_pointer() != leaf(on_device.ema_params).unsafe_buffer_pointer()
-  batch = xp.put(fake_batch(2, xp.per_device_batch))
+  batch = xp.put_batch(fake_batch(2, xp.per_device_batch))
   s1, _ = xp.train_step(on_device, batch)
   s2, _ = xp.train_step(from_host, batch)
-  assert_trees_close(first_local(s1).params, first_local(s2).params, rtol=0, atol=0)
+  assert_trees_close(to_host(s1).params, to_host(s2).params, rtol=0, atol=0)
 
 
 def test_accumulation_equals_big_batch():
@@ -118,7 +129,7 @@ def test_accumulation_equals_big_batch():
 
 def test_metrics_and_ema():
   xp = experiment.Experiment(tiny_config(ema_decay=0.5), devices=jax.local_devices()[:1])
-  state0 = first_local(xp.init_state())
+  state0 = to_host(xp.init_state())
   s, m = run_steps(xp, steps=1)
   assert set(m) == {'loss', 'top1', 'lr', 'grad_norm', 'clip_fraction'}
   assert 0 <= m['clip_fraction'] <= 1 and m['grad_norm'] > 0 and m['lr'] == 0.0  # LR is 0 at step 0
@@ -162,7 +173,7 @@ def _train(cfg, workdir, stop_after=None):
       return step_fn(state, batch)
 
     xp.train_step = counting_step
-  return first_local(trainer.train()), trainer
+  return to_host(trainer.train()), trainer
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path):
@@ -175,6 +186,31 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
   for a, b in zip(jax.tree.leaves((full.params, full.ema_params, full.opt_state)),
                   jax.tree.leaves((resumed.params, resumed.ema_params, resumed.opt_state))):
     np.testing.assert_array_equal(a, b)
+
+
+def test_checkpoint_saved_with_a_device_axis_restores_unchanged(tmp_path):
+  """A run directory written when the train state carried a device axis (tests/fixtures/checkpoint_v1, made
+  by tests/fixtures/make_checkpoint_v1.py at commit ddd7a6a) resumes with today's replicated state: every
+  leaf as it was saved, and training goes on from step 2."""
+  fixtures = os.path.join(os.path.dirname(__file__), 'fixtures')
+  spec = importlib.util.spec_from_file_location('make_checkpoint_v1', os.path.join(fixtures, 'make_checkpoint_v1.py'))
+  maker = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(maker)
+  workdir = tmp_path / 'run'
+  shutil.copytree(os.path.join(fixtures, 'checkpoint_v1'), workdir)
+  xp = experiment.Experiment(tiny_config(**dict(maker.OVERRIDES, training_steps=3)), devices=jax.local_devices()[:2])
+  trainer = trainer_lib.Trainer(xp, str(workdir))
+  restored = to_host(xp.put_state(trainer.io.restore(xp.state_template())))
+  saved = json.load(open(workdir / 'leaf_sums.json'))
+  got = {jax.tree_util.keystr(path): [float(np.sum(np.asarray(x, np.float64))),
+                                      float(np.sum(np.square(np.asarray(x, np.float64))))]
+         for path, x in jax.tree_util.tree_leaves_with_path(restored)}
+  assert got.keys() == saved.keys() and len(got) > 100
+  for key, sums in saved.items():
+    assert got[key] == sums, key
+  assert int(restored.step) == 2
+  state = to_host(trainer.train())
+  assert int(state.step) == 3 and all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
 
 
 def test_incompatible_workdir_is_refused(tmp_path):
@@ -208,9 +244,9 @@ def test_eval_counts_every_example_for_raw_and_ema():
   xp = experiment.Experiment(cfg, devices=jax.local_devices()[:2])
   state = xp.init_state()
   for seed in range(3):
-    state, _ = xp.train_step(state, xp.put(fake_batch(2, xp.per_device_batch, seed=seed)))
+    state, _ = xp.train_step(state, xp.put_batch(fake_batch(2, xp.per_device_batch, seed=seed)))
   metrics = xp.evaluate(state)
-  host = first_local(state)
+  host = to_host(state)
   count, correct, loss = 0.0, {'': 0.0, 'ema_': 0.0}, {'': 0.0, 'ema_': 0.0}
   for batch in data.eval_iterator(cfg.dataset, global_batch_size=64, image_size=xp.eval_image_size,
                                   num_local_devices=2):
@@ -236,28 +272,32 @@ def test_eval_counts_every_example_for_raw_and_ema():
 
 @pytest.mark.parametrize('num_devices', [1, 2])
 def test_train_step_updates_the_donated_state_in_place(num_devices):
-  """The optimizer program writes the new params, optimizer state and EMA into the donated buffers (no
-  second state is allocated) and copies none of them first: its temporaries hold about one leaf's update
-  at a time. A guard written as `where(finite, new, old)` made XLA copy the old params and momentum
-  (temporaries 1.5x the params here, 9x the largest leaf)."""
+  """The one-program train step writes the new params, optimizer state and EMA into the donated buffers
+  (no second state is allocated) and copies none of them first: beyond what the gradient alone needs, its
+  temporaries hold the gradient and little more (copies of the old params and momentum would be two
+  params' worth)."""
   xp = experiment.Experiment(tiny_config(), devices=jax.local_devices()[:num_devices])
-  shapes = xp.abstract_replicated(xp.state_shapes())
-  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=xp.sharding),
+  shapes = xp.state_shapes()
+  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(xp.mesh, SPLIT)),
                        fake_batch(num_devices, xp.per_device_batch))
-  gradient, optimizer = xp.compile_train_step(shapes, batch).programs
-  g, o = gradient.memory_analysis(), optimizer.memory_analysis()  # per device
-  state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)) // num_devices
-  param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes.params)) // num_devices
-  assert o.alias_size_in_bytes == state_bytes
-  # The gradient is written into the donated buffers of the previous step's (`_gradient_step`).
-  assert g.alias_size_in_bytes == param_bytes and param_bytes <= g.output_size_in_bytes < param_bytes + 1024
-  largest_leaf = max(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes.params)) // num_devices
-  assert o.temp_size_in_bytes < 2 * largest_leaf
+  step = xp.compile_train_step(shapes, batch).memory_analysis()   # per device
+
+  def gradient_only(state, batch):
+    images, targets, hard = device_augment.augment_batch(batch['images'], batch['labels'], state.rng,
+                                                         **xp.augment)
+    examples = {'images': images, 'labels': targets, 'hard_labels': hard}
+    return jax.lax.pmean(xp._batch_gradient(state.params, examples, state.rng)[0], AXIS)
+
+  gradient = devices.map_per_device(gradient_only, xp.mesh, (REPLICATED, SPLIT), REPLICATED).lower(
+      shapes, batch).compile(cpu.compiler_options(True)).memory_analysis()
+  nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+  assert step.alias_size_in_bytes == nbytes(shapes)
+  assert step.temp_size_in_bytes < gradient.temp_size_in_bytes + 1.5 * nbytes(shapes.params)
 
 
 def test_train_step_compiles_once_per_input_signature():
   xp = experiment.Experiment(tiny_config(), devices=jax.local_devices()[:1])
   state = xp.init_state()
   for seed in range(3):
-    state, _ = xp.train_step(state, xp.put(fake_batch(1, xp.per_device_batch, seed=seed)))
+    state, _ = xp.train_step(state, xp.put_batch(fake_batch(1, xp.per_device_batch, seed=seed)))
   assert len(xp._compiled_train_steps) == 1  # pylint: disable=protected-access

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import experiment
-from nfnets.devices import first_local
+from nfnets.devices import to_host
 from test_experiment import fake_batch, loss_inputs, run_steps, tiny_config
 
 STEPS = 3
@@ -17,7 +17,7 @@ def _dtypes(tree):
 def test_bf16_forward_f32_state():
   xp = experiment.Experiment(tiny_config(dtype='bfloat16'), devices=jax.local_devices()[:1])
   b = fake_batch(1, xp.per_device_batch)
-  params = first_local(xp.init_state()).params
+  params = to_host(xp.init_state()).params
   jaxpr = str(jax.make_jaxpr(xp._loss)(params, *loss_inputs(b, 0), jax.random.PRNGKey(0)))
   convs = [line for line in jaxpr.splitlines() if 'conv_general_dilated' in line]
   assert convs and all('bf16' in line for line in convs), convs[:3]   # the convolutions really run in bf16
@@ -38,7 +38,7 @@ def test_bf16_stays_close_to_f32():
   devices = jax.local_devices()[:1]
   xp32 = experiment.Experiment(tiny_config(dtype='float32'), devices=devices)
   xp16 = experiment.Experiment(tiny_config(dtype='bfloat16'), devices=devices)
-  init = first_local(xp32.init_state()).params
+  init = to_host(xp32.init_state()).params
   s32, m32 = run_steps(xp32, steps=STEPS)
   s16, m16 = run_steps(xp16, steps=STEPS)
 

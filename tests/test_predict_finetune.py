@@ -14,8 +14,7 @@ from nfnets import trainer as trainer_lib
 from tools import predict
 from configs import demo, finetune
 from nfnets import weights
-from nfnets.devices import first_local
-from nfnets.devices import replicate
+from nfnets.devices import to_host
 from nfnets.train_state import TrainState
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -176,7 +175,7 @@ def source_run(tmp_path_factory):
                      opt_state=jax.device_get(xp.optimizer.init(params)), ema_params=ema,
                      rng=np.asarray(jax.random.PRNGKey(0)), bad_step=np.asarray(-1, np.int32))
   trainer = trainer_lib.Trainer(xp, workdir)
-  trainer.io.save(2, replicate(state, 1))
+  trainer.io.save(2, state)
   trainer.io.close()
   return workdir, ema
 
@@ -192,8 +191,8 @@ def test_finetune_from_checkpoint_with_other_class_count(source_run, tmp_path):
   cfg = small_config(10, init_from=src)
   xp = xp_of(cfg)
   trainer = trainer_lib.Trainer(xp, str(tmp_path))
-  start = first_local(trainer.restore_or_init())
-  fresh = first_local(xp.init_state())
+  start = to_host(trainer.restore_or_init())
+  fresh = to_host(xp.init_state())
   assert int(start.step) == 0
   assert np.shape(src_ema[CLASSIFIER]['w'])[-1] == 7 and np.shape(start.params[CLASSIFIER]['w'])[-1] == 10
   for module in start.params:
@@ -211,7 +210,7 @@ def test_finetune_from_checkpoint_with_other_class_count(source_run, tmp_path):
     return step_fn(state, batch)
 
   xp.train_step = counting_step
-  end = first_local(trainer.train())
+  end = to_host(trainer.train())
   assert int(end.step) == 2 and trainer.io.latest_step() == 2
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(end.params))
   moved = np.abs(end.params[CLASSIFIER]['w'] - fresh.params[CLASSIFIER]['w']).max()

@@ -55,9 +55,6 @@ def template(wide: int = 4) -> TrainState:
   return jax.tree.map(np.zeros_like, host_state(0, wide))
 
 
-def replicated(state):  # the device axis `save` takes off (one device)
-  return jax.tree.map(lambda x: np.asarray(x)[None], state)
-
 
 def assert_same(got, want):
   assert jax.tree.structure(got) == jax.tree.structure(want)
@@ -73,7 +70,7 @@ def workdir(tmp_path):
   """A workdir with checkpoints at steps 2, 4 and 6."""
   rd = run_dir.RunDir(str(tmp_path), config())
   for step in (2, 4, 6):
-    rd.save(step, replicated(host_state(step)))
+    rd.save(step, host_state(step))
   rd.close()
   return str(tmp_path)
 
@@ -130,8 +127,8 @@ def test_damaged_newest_checkpoint_falls_back_to_the_one_before(workdir, what, c
                                                                  recursive=True)) == damaged_files
   assert rd.latest_step() == 4
   # The resumed run saves steps 5 and 6 (orbax would skip both with the damaged step 6 in place).
-  rd.save(5, replicated(host_state(5)))
-  rd.save(6, replicated(host_state(60)))
+  rd.save(5, host_state(5))
+  rd.save(6, host_state(60))
   rd.close()
   again = run_dir.RunDir(workdir, config())
   assert again.latest_step() == 6

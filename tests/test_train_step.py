@@ -8,8 +8,8 @@ import pytest
 
 import experiment
 import nfnets
-from nfnets.devices import first_local
-from test_experiment import assert_trees_close, fake_batch, loss_inputs, tiny_config
+from nfnets.devices import to_host
+from test_experiment import assert_trees_close, fake_batch, loss_inputs, run_steps, tiny_config
 
 KEY = jax.random.PRNGKey(0)  # the tiny config has no stochastic depth or dropout: the key is unused
 
@@ -24,66 +24,83 @@ def test_any_optax_chain_trains_with_no_change_to_the_step():
   tx = optax.chain(nfnets.agc(0.01), optax.adamw(1e-3, weight_decay=1e-2))
   xp = experiment.Experiment(tiny_config(), devices=jax.local_devices()[:1], optimizer=tx)
   state = xp.init_state()
-  params = first_local(state.params)
+  params = to_host(state.params)
   opt_state = tx.init(params)
   grad = jax.jit(jax.grad(loss_fn(xp)))
   for seed in range(3):
     batch = fake_batch(1, xp.per_device_batch, seed=seed)
-    state, _ = xp.train_step(state, xp.put(batch))
+    state, _ = xp.train_step(state, xp.put_batch(batch))
     g = grad(params, *loss_inputs(batch, 0))
     updates, opt_state = tx.update(g, opt_state, params)
     params = optax.apply_updates(params, updates)
-  assert_trees_close(first_local(state.params), params, rtol=1e-5, atol=1e-6)
-  assert_trees_close(first_local(state.opt_state), opt_state, rtol=1e-5, atol=1e-6)
+  assert_trees_close(to_host(state.params), params, rtol=1e-5, atol=1e-6)
+  assert_trees_close(to_host(state.opt_state), opt_state, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize('num_devices', [1, 4])
 def test_sam_step_matches_the_papers_rule(num_devices):
   """One SAM step (App. A.4): each device perturbs the params by rho * g / ||g||, g its own ascent
-  gradient on the first fraction of its batch; the descent gradients at the perturbed points are
+  gradient on a fraction of its batch spread over it; the descent gradients at the perturbed points are
   averaged over devices and go through AGC and the optimizer. Checked through the new momentum."""
   rho = 0.05
   cfg = tiny_config(**{'optimizer.sam_rho': rho, 'optimizer.sam_batch_fraction': 0.25})
   xp = experiment.Experiment(cfg, devices=jax.local_devices()[:num_devices])
-  assert xp.sam_examples == xp.per_device_batch // 4 >= 1  # 25% of each device's examples
+  k = xp.per_device_batch // 4   # 25% of each device's examples, from both halves (MixUp and CutMix)
+  np.testing.assert_array_equal(xp.sam_examples, np.arange(k) * 4)
   state = xp.init_state()
-  p0, opt0 = first_local(state.params), first_local(state.opt_state)
+  p0, opt0 = to_host(state.params), to_host(state.opt_state)
   batch = fake_batch(num_devices, xp.per_device_batch)
-  new, _ = xp.train_step(state, xp.put(batch))
+  new, _ = xp.train_step(state, xp.put_batch(batch))
 
   grad = jax.jit(jax.grad(loss_fn(xp)))
-  k = xp.sam_examples
   ascents, descents = [], []
   for d in range(num_devices):
-    x, y, h = loss_inputs(batch, d)
-    g = grad(p0, x[:k], y[:k], h[:k])
+    x, y, h = loss_inputs(batch, d, num_devices)
+    g = grad(p0, x[::4], y[::4], h[::4])
     norm = np.sqrt(sum(np.sum(np.square(v)) for v in jax.tree.leaves(g)))
     perturbed = jax.tree.map(lambda p, v: p + rho * v / norm, p0, g)
     ascents.append(g)
     descents.append(grad(perturbed, x, y, h))
   mean_descent = jax.tree.map(lambda *v: jnp.mean(jnp.stack(v), axis=0), *descents)
   _, expected = xp.optimizer.update(mean_descent, opt0, p0)
-  assert_trees_close(first_local(new.opt_state), expected, rtol=2e-4, atol=1e-6)
+  assert_trees_close(to_host(new.opt_state), expected, rtol=2e-4, atol=1e-6)
   if num_devices > 1:  # the devices' ascent directions really differ (they are not averaged)
     a, b = jax.tree.leaves(ascents[0])[0], jax.tree.leaves(ascents[1])[0]
     assert np.abs(a - b).max() > 1e-3 * np.abs(a).max()
   plain_cfg = tiny_config()
   plain = experiment.Experiment(plain_cfg, devices=jax.local_devices()[:num_devices])
-  without_sam, _ = plain.train_step(plain.init_state(), plain.put(batch))
-  trace = lambda s: jax.tree.leaves(first_local(s.opt_state))
+  without_sam, _ = plain.train_step(plain.init_state(), plain.put_batch(batch))
+  trace = lambda s: jax.tree.leaves(to_host(s.opt_state))
   assert max(float(np.abs(a - b).max()) for a, b in zip(trace(new), trace(without_sam))) > 1e-6
+
+
+@pytest.mark.parametrize('num_devices', [1, 4])
+def test_sam_with_accumulation_equals_sam_on_the_whole_batch(num_devices):
+  """SAM's ascent examples are round(fraction x device batch), spread over the whole augmented device batch
+  (MixUp and CutMix halves), whatever the accumulation: with grad_accum_steps=2 the step is the step with
+  1. An ascent taken from one micro-batch (fewer examples, or other ones) would differ."""
+  sam = {'optimizer.sam_rho': 0.05, 'optimizer.sam_batch_fraction': 0.5, 'dataset.augment.mixup_alpha': 0.2,
+         'dataset.augment.cutmix': True}
+  devices = jax.local_devices()[:num_devices]
+  one = experiment.Experiment(tiny_config(**sam), devices=devices)
+  two = experiment.Experiment(tiny_config(grad_accum_steps=2, **sam), devices=devices)
+  assert len(two.sam_examples) == two.per_device_batch // 2 and two.sam_examples[-1] >= two.micro_batch
+  s1, m1 = run_steps(one)
+  s2, m2 = run_steps(two)
+  assert_trees_close(s1.params, s2.params)
+  np.testing.assert_allclose(m1['grad_norm'], m2['grad_norm'], rtol=1e-5)
 
 
 def test_non_finite_step_keeps_every_leaf_and_records_the_step():
   xp = experiment.Experiment(tiny_config(), devices=jax.local_devices()[:2])
   # float pixels (the step takes them as it takes uint8), so that a NaN can be planted
-  state, _ = xp.train_step(xp.init_state(), xp.put(fake_batch(2, xp.per_device_batch, dtype=np.float32)))
-  before = first_local(state)
+  state, _ = xp.train_step(xp.init_state(), xp.put_batch(fake_batch(2, xp.per_device_batch, dtype=np.float32)))
+  before = to_host(state)
   batch = fake_batch(2, xp.per_device_batch, seed=1, dtype=np.float32)
-  batch['images'][1, 0, 0, 0, 0] = np.nan   # one pixel on one device poisons the averaged gradient
-  after, metrics = xp.train_step(state, xp.put(batch))
-  after = first_local(after)
-  assert not np.isfinite(first_local(metrics)['loss'])
+  batch['images'][xp.per_device_batch, 0, 0, 0] = np.nan   # one pixel on device 1 poisons the mean gradient
+  after, metrics = xp.train_step(state, xp.put_batch(batch))
+  after = to_host(after)
+  assert not np.isfinite(to_host(metrics)['loss'])
   for name in ('params', 'opt_state', 'ema_params'):
     for a, b in zip(jax.tree.leaves(getattr(after, name)), jax.tree.leaves(getattr(before, name))):
       np.testing.assert_array_equal(a, b)

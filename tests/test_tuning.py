@@ -1,5 +1,6 @@
-"""Measured choices (nfnets.tuning): measured once per machine and shape, cached, never trusted from another
-machine or a damaged file; every candidate lowering of every convolution direction computes the same thing."""
+"""Measured choices (nfnets.cpu.tuning): measured once per machine and shape, cached, never trusted from
+another machine or a damaged file; every candidate lowering of every convolution direction computes the same
+thing."""
 import json
 import os
 
@@ -8,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nfnets import conv, tuning
+from nfnets import conv, cpu
+from nfnets.cpu import tuning
 
 
 @pytest.fixture
@@ -133,7 +135,7 @@ def test_every_candidate_of_every_direction_is_the_same_convolution(shape):
 
 
 def test_tuned_conv_measures_each_direction_and_matches(tuning_on, monkeypatch):
-  monkeypatch.setattr(conv, 'MIN_TUNED_MACS', 0)
+  monkeypatch.setattr(cpu, 'MIN_TUNED_MACS', 0)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 10, 10, 8))
   w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 4, 12))
   ref = lambda a, b: _reference(a, b, 2, 2, 'SAME')
@@ -151,7 +153,14 @@ def test_tuned_conv_measures_each_direction_and_matches(tuning_on, monkeypatch):
 
 
 def test_small_convolutions_are_not_measured(tuning_on, monkeypatch):
+  """Below cpu.MIN_TUNED_MACS the default lowering is taken unmeasured; the same convolution above the
+  threshold is measured (so the first half can fail)."""
+  assert cpu.active(), 'the tests run on the CPU'
   calls = _count_measurements(monkeypatch)
   x, w = jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 4, 4))
-  jax.jit(jax.grad(lambda a: conv.conv2d(a, w, impl='auto').sum()))(x)
-  assert not calls   # 8*8*36*4 MACs is far below conv.MIN_TUNED_MACS
+  grad = lambda: jax.jit(jax.grad(lambda a: conv.conv2d(a, w, impl='auto').sum()))(x)
+  grad()
+  assert not calls   # 8*8*36*4 MACs is far below cpu.MIN_TUNED_MACS
+  monkeypatch.setattr(cpu, 'MIN_TUNED_MACS', 8 * 8 * 36 * 4)
+  grad()
+  assert len(calls) == 2   # the forward and the kernel gradient (the input gradient has one candidate)
