@@ -3,10 +3,11 @@
 # F0/F1 train step in bf16 at per-device batch 128 and 256, the F0 eval step, and timm's dm_nfnet_f0 train
 # step (AMP bf16, channels-last and not) on the same GPU. Results go to $OUT (default: runs/gpu_bench).
 #
-#   bash benchmarks/gpu.sh            # needs jax[cuda12] (or cuda13), dm-haiku, ml-collections, optax;
-#                                     # torch + timm only for the comparison rows; no TensorFlow
+#   pip install -r requirements-gpu.txt && bash benchmarks/gpu.sh    # torch + timm only for the timm rows
 #
-# Each command prints its own line; bench's JSONs carry every number (images/s, step time, MFU, memory).
+# Each command prints its own line; bench's JSONs carry every number (images/s, step time, MFU, memory), and
+# the table at the end gives images/s and MFU per run: model FLOPs from nfnets.count_flops (3 x forward for
+# a train step) over the bf16 matmul peak measured on this GPU, and over the datasheet's dense bf16 peak.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_bench}
@@ -25,6 +26,20 @@ bench f0_train_b256 --config=configs/f0.py --batch_size=256 --resolution=192
 bench f1_train_b128 --config=configs/f1.py --batch_size=128 --resolution=224
 bench f1_train_b256 --config=configs/f1.py --batch_size=256 --resolution=224
 bench f0_eval_b256 --config=configs/f0.py --mode=eval --batch_size=256 --resolution=256
+
+$PY - "$OUT" <<'SUMMARY' | tee "$OUT/summary.md"
+import glob, json, os, sys
+# Dense bf16 tensor-core peaks from NVIDIA's datasheets (SXM parts), FLOP/s.
+DATASHEET = {'H100': 989.4e12, 'H200': 989.4e12, 'A100': 312e12, 'B200': 2250e12}
+kind = open(os.path.join(sys.argv[1], 'gpu.txt')).read()
+peak = next((v for k, v in DATASHEET.items() if k in kind), None)
+print('| run | images/s | MFU (measured bf16 matmul peak) | MFU (datasheet bf16 peak) |')
+print('|---|---:|---:|---:|')
+for path in sorted(glob.glob(os.path.join(sys.argv[1], '*.json'))):
+  r = json.load(open(path))
+  sheet = f"{r['flops_per_sec'] / peak:.1%}" if peak else 'n/a'
+  print(f"| {os.path.basename(path)[:-5]} | {r['images_per_sec']:.0f} | {r['mfu']:.1%} | {sheet} |")
+SUMMARY
 
 if $PY -c "import torch, timm" 2>/dev/null; then
   timeout 180 $PY - <<'EOF' 2>&1 | tee "$OUT/timm.log"
