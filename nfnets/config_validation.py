@@ -130,9 +130,11 @@ def _rules():
       ('dataset.eval_split', _NAME, False),
       ('dataset.image_size', _int_min(1), True),
       ('dataset.eval_image_size', _int_min(1), True),
-      ('dataset.eval_resize_pad', _int_min(0), False),
-      ('dataset.shuffle_buffer', _int_min(1), False),
-      ('dataset.exact_resume', _BOOL, False),
+      ('dataset.eval_resize_pad', _int_min(0), True),   # None: the reference's crop ratio
+      ('dataset.folder_eval_fraction', _unit(hi_closed=False), False),
+      ('dataset.num_workers', _int_min(0), False),
+      ('dataset.num_threads', _int_min(1), True),       # None: from the core count
+      ('dataset.exact_resume', _BOOL, True),            # deprecated, ignored
       ('dataset.augment.random_crop', _BOOL, False),
       ('dataset.augment.crop_area_min', _unit(hi_closed=True, lo_closed=False), False),
       ('dataset.augment.random_flip', _BOOL, False),
