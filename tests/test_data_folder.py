@@ -80,6 +80,15 @@ def test_undecodable_files_are_replaced_counted_and_named(flat_folder, caplog):
       'x_truncated.jpg: jpeg::Uncompress failed. Invalid JPEG data or crop window.') for r in caplog.records), [
           r.message for r in caplog.records]
   assert any('undecodable images skipped so far' in r.message for r in caplog.records)
+  # A batch with a bad file is redone one example at a time; the other process's slice of the same global
+  # batch is decoded whole: the two ways give the same pixels.
+  halves = [data.train_iterator(c, global_batch_size=8, image_size=24, num_classes=3, seed=0, process_index=i,
+                                process_count=2) for i in range(2)]
+  whole = data.train_iterator(c, global_batch_size=8, image_size=24, num_classes=3, seed=0)
+  for _ in range(4):
+    parts, want = [next(h) for h in halves], next(whole)
+    np.testing.assert_array_equal(np.concatenate([p['images'] for p in parts]), want['images'])
+  assert halves[0].num_skipped + halves[1].num_skipped == whole.num_skipped > 0
 
 
 def test_undecodable_eval_images_become_padding(flat_folder):

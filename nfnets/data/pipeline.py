@@ -90,10 +90,12 @@ class BatchIterator:
       close()
 
 
-def _load(elements: grain.MapDataset, per_process: int, *, num_threads: int, num_workers: int = 0):
-  """Grain iterator over batches of `per_process` elements: each batch decoded by one thread (or worker
-  process), `num_threads` (x `num_workers`) batches in flight."""
-  batches = elements.batch(per_process, drop_remainder=True)
+def _load(positions: grain.MapDataset, decoder, per_process: int, *, num_threads: int, num_workers: int = 0):
+  """Grain iterator over the batches `decoder` makes of each `per_process` positions: each batch decoded by
+  one thread (or worker process), `num_threads` (x `num_workers`) batches in flight."""
+  if not num_workers:
+    decode.use_tf_threads(num_threads)
+  batches = positions.batch(per_process, drop_remainder=True, batch_fn=decoder)
   ds = batches.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=num_threads))
   if num_workers:
     if not flags.FLAGS.is_parsed():
@@ -135,9 +137,9 @@ def train_iterator(ds_config, *, global_batch_size: int, image_size: int, num_cl
       source.train, train_order(source.num_train, seed), seed=seed, encoded=source.encoded,
       image_size=image_size, random_crop=aug.random_crop, crop_area_min=aug.crop_area_min,
       random_flip=aug.random_flip)
-  elements = grain.MapDataset.range(sys.maxsize).map(position).map(decoder)
+  positions = grain.MapDataset.range(sys.maxsize).map(position)
   threads, workers = _parallelism(ds_config)
-  return BatchIterator(_load(elements, per_process, num_threads=threads, num_workers=workers))
+  return BatchIterator(_load(positions, decoder, per_process, num_threads=threads, num_workers=workers))
 
 
 def eval_iterator(ds_config, *, global_batch_size: int, image_size: int, process_index: Optional[int] = None,
@@ -153,11 +155,12 @@ def eval_iterator(ds_config, *, global_batch_size: int, image_size: int, process
   num_batches = -(-source.num_eval // global_batch_size)
   decoder = decode.EvalDecoder(source.eval, encoded=source.encoded, image_size=image_size,
                                resize_pad=preprocess.eval_resize_pad(image_size, ds_config.eval_resize_pad))
-  elements = grain.MapDataset.range(num_batches * per_process).map(position).map(decoder)
+  positions = grain.MapDataset.range(num_batches * per_process).map(position)
   # Threads only: an eval iterator is made for every evaluation, and a worker process would import
   # TensorFlow again each time.
   threads, _ = _parallelism(ds_config)
-  return _counted_eval(BatchIterator(_load(elements, per_process, num_threads=threads)), source.num_eval)
+  return _counted_eval(BatchIterator(_load(positions, decoder, per_process, num_threads=threads)),
+                       source.num_eval)
 
 
 def _counted_eval(batches: BatchIterator, num_examples: int) -> Iterator[dict]:
