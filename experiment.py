@@ -298,30 +298,16 @@ class Experiment:
 
   # ---------------------------------------------------------------- host-side
   def train_batches(self, start_step: int = 0) -> Iterator[dict]:
-    """Device batches from step `start_step` on.
-
-    On resume, `dataset.exact_resume` replays the stream up to `start_step` (the order is a pure function
-    of the seed, so the run continues exactly as an uninterrupted one; cheap for small data). Otherwise the
-    stream is reseeded from (seed, start_step): statistically the same, but not the same examples, and
-    no time is spent re-decoding millions of ImageNet images.
-    """
+    """Device batches from step `start_step` on. The global batch at a step is a function of (seed, step)
+    (nfnets.data), so a resumed run reads at once exactly what the uninterrupted run would have."""
     cfg = self.config
-    seed = cfg.seed
-    if start_step and not cfg.dataset.exact_resume:
-      seed = int(np.random.SeedSequence([cfg.seed, start_step]).generate_state(1)[0] % (2 ** 31))
-      logging.info('Resuming the data stream with a fresh seed %d (dataset.exact_resume=False).', seed)
-    it = data_lib.train_iterator(cfg.dataset, global_batch_size=cfg.batch_size, seed=seed,
-                                 num_local_devices=self.local_devices, **self.train_input())
-    if start_step and cfg.dataset.exact_resume:
-      logging.info('Replaying %d batches to restore the exact data position.', start_step)
-      for _ in range(start_step):
-        next(it)
+    it = data_lib.train_iterator(cfg.dataset, global_batch_size=cfg.batch_size, seed=cfg.seed,
+                                 start_step=start_step, **self.train_input())
     return self._on_devices(it)
 
   def _on_devices(self, it):
-    # The host pipeline's [local devices, per device, ...] batches, as this process's slice of the batch.
-    flat = ({k: v.reshape((-1,) + v.shape[2:]) for k, v in b.items()} for b in it)
-    return devices_lib.prefetch(flat, self.mesh, 2)
+    """This process's batch slices as the steps' global arrays, two batches ahead of the step."""
+    return devices_lib.prefetch(it, self.mesh, 2)
 
   def train_input(self) -> dict:
     """What the host train input needs from the model: image size and class count."""
@@ -345,8 +331,7 @@ class Experiment:
     (default: the eval size; the eval preprocessing resizes to it + `dataset.eval_resize_pad`)."""
     cfg = self.config
     image_size = image_size or self.eval_image_size
-    it = data_lib.eval_iterator(cfg.dataset, global_batch_size=cfg.eval_batch_size,
-                                image_size=image_size, num_local_devices=self.local_devices)
+    it = data_lib.eval_iterator(cfg.dataset, global_batch_size=cfg.eval_batch_size, image_size=image_size)
     totals = None
     for batch in self._on_devices(it):
       out = devices_lib.to_host(self.eval_step(state.params, state.ema_params, batch))

@@ -80,11 +80,21 @@ def get_config(model_name: str = 'F0') -> ml_collections.ConfigDict:
   c.dataset.eval_split = 'validation'
   c.dataset.image_size = config_dict.placeholder(int)       # None: the model's train size (registry)
   c.dataset.eval_image_size = config_dict.placeholder(int)  # None: the model's test size (registry)
-  c.dataset.eval_resize_pad = 32      # eval: resize to eval_image_size + pad, centre-crop (FixRes style)
-  c.dataset.shuffle_buffer = 10_000
-  # On resume: True replays the stream to the exact position (identical to an uninterrupted run, but
-  # re-decodes every skipped image); False reseeds the stream from (seed, step), which is instant.
-  c.dataset.exact_resume = False
+  # Eval: square resize to eval_image_size + pad, centre crop (the reference code's resize_crop_32). None:
+  # 32 at 256 px and above (the reference), round(size * 32 / 256) below, so small images keep the crop
+  # ratio 256/288 (at 32 px a pad of 32 would keep only the middle half of each side).
+  c.dataset.eval_resize_pad = config_dict.placeholder(int)
+  # 'folder' data in the flat layout (<data_dir>/<class>/*): the fraction of each class's files (sorted,
+  # spread evenly: 0.1 holds out files 0, 10, 20, ...) held out as the eval split. 0: none.
+  c.dataset.folder_eval_fraction = 0.1
+  # Host decoding runs in Grain: `num_workers` worker processes (0: threads of the training process;
+  # each worker imports TensorFlow, seconds to start and ~0.5 GiB), `num_threads` threads in each process
+  # (None: all cores without workers, 1 per worker). Eval uses threads only.
+  c.dataset.num_workers = 0
+  c.dataset.num_threads = config_dict.placeholder(int)
+  # Deprecated and ignored (one warning line): every resume is exact, since the global batch at a step is
+  # a function of (seed, step) (nfnets/data/pipeline.py).
+  c.dataset.exact_resume = config_dict.placeholder(bool)
   c.dataset.augment = ml_collections.ConfigDict()
   c.dataset.augment.random_crop = True          # Inception-style random resized crop
   c.dataset.augment.crop_area_min = 0.08        # smallest crop area fraction
@@ -110,7 +120,6 @@ def use_digits(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   d.image_size = 32
   d.eval_image_size = 32
   d.eval_resize_pad = 0
-  d.shuffle_buffer = 2000
   d.augment.crop_area_min = 0.6       # digits fill the frame: keep most of it
   d.augment.random_flip = False       # a flipped digit is another glyph
   d.augment.mixup_alpha = 0.0

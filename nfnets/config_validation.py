@@ -5,14 +5,22 @@ against `model.num_classes`, `init_from` and (given the process and device count
 raises one `ConfigError` listing every problem, one line each, naming the field, its value and what is
 accepted: `optimizer.base_lr=-1.0 must be > 0`. train.py prints the lines as `error: ...` and exits with 2.
 
-`resolve_training_steps` derives the run length from `epochs` when `training_steps` is None, and
-`check_batch_layout` is the one divisibility rule for global batches (train loop and input pipeline).
+`resolve_training_steps` derives the run length from `epochs` when `training_steps` is None;
+`check_batch_layout`, the one divisibility rule for global batches, lives in nfnets/batch_layout.py (shared
+with the input pipeline) and is re-exported here.
 """
 import difflib
 import math
 import numbers
 import os
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional
+
+from nfnets import conv, optim, registry
+from nfnets.cpu import tuning
+# Re-exported: every check here raises ConfigError, and callers take the batch rule from this module too.
+from nfnets.batch_layout import ConfigError, check_batch_layout  # pylint: disable=unused-import
+from nfnets.data import info as info_lib
+from nfnets.data.randaugment import RA_OPS
 
 DTYPES = ('float32', 'bfloat16', 'float16')
 BUILTIN_DATASETS = ('digits', 'fake', 'folder', 'imagenet2012')
@@ -22,31 +30,6 @@ NUM_STAGES = 4            # every NFNet and NF-ResNet (nfnet.VARIANTS, nf_resnet
 WEIGHT_SUFFIXES = 'released F*_haiku.npz, a flat .npz, a timm .safetensors/.pth'
 
 _MISSING = object()
-
-
-class ConfigError(ValueError):
-  """Bad config values. `problems`: one line per problem, each naming the field, its value and what is
-  accepted; str(error) joins them with newlines."""
-
-  def __init__(self, problems: Union[str, Sequence[str]]):
-    self.problems = [problems] if isinstance(problems, str) else list(problems)
-    super().__init__('\n'.join(self.problems))
-
-
-def check_batch_layout(batch_size: int, grad_accum_steps: int, process_count: int, local_devices: int,
-                       field: str = 'batch_size') -> int:
-  """Returns the per-device micro-batch size; raises ConfigError if the global batch does not split evenly
-  over processes x local devices x accumulation steps. `field` names the batch in the message."""
-  if process_count < 1 or local_devices < 1:
-    raise ConfigError(f'{field}={batch_size}: need at least 1 process and 1 local device, got '
-                      f'{process_count} process(es) and {local_devices} local device(s)')
-  div = process_count * local_devices * grad_accum_steps
-  if batch_size < 1 or grad_accum_steps < 1 or batch_size % div:
-    raise ConfigError(
-        f'{field}={batch_size} must be divisible by processes ({process_count}) x local devices '
-        f'({local_devices}) x grad_accum_steps ({grad_accum_steps}) = {div}; '
-        f'try {field}={max(div, batch_size // div * div)}')
-  return batch_size // div
 
 
 def resolve_training_steps(config, num_train_examples: int) -> int:
@@ -107,7 +90,6 @@ _NAME = (lambda v: isinstance(v, str) and bool(v), 'must be a non-empty string')
 
 def _rules():
   """(field, (test, requirement), None allowed) for every plain field of configs/base.py."""
-  from nfnets import conv  # pylint: disable=g-import-not-at-top
   return [
       ('batch_size', _int_min(1), False),
       ('grad_accum_steps', _int_min(1), False),
@@ -150,9 +132,11 @@ def _rules():
       ('dataset.eval_split', _NAME, False),
       ('dataset.image_size', _int_min(1), True),
       ('dataset.eval_image_size', _int_min(1), True),
-      ('dataset.eval_resize_pad', _int_min(0), False),
-      ('dataset.shuffle_buffer', _int_min(1), False),
-      ('dataset.exact_resume', _BOOL, False),
+      ('dataset.eval_resize_pad', _int_min(0), True),   # None: the reference's crop ratio
+      ('dataset.folder_eval_fraction', _unit(hi_closed=False), False),
+      ('dataset.num_workers', _int_min(0), False),
+      ('dataset.num_threads', _int_min(1), True),       # None: from the core count
+      ('dataset.exact_resume', _BOOL, True),            # deprecated, ignored
       ('dataset.augment.random_crop', _BOOL, False),
       ('dataset.augment.crop_area_min', _unit(hi_closed=True, lo_closed=False), False),
       ('dataset.augment.random_flip', _BOOL, False),
@@ -191,7 +175,6 @@ def _check_fields(config, problems: List[str]) -> None:
     if not test(value):
       problems.append(f'{path}={value!r} {requirement}')
 
-  from nfnets import optim, registry  # pylint: disable=g-import-not-at-top
   opt_name, opt_names = _get(config, 'optimizer.name'), getattr(optim, 'OPTIMIZERS', None)
   if opt_name is not _MISSING and opt_names and opt_name not in opt_names:
     problems.append(f'optimizer.name={opt_name!r} must be one of {", ".join(map(repr, opt_names))}')
@@ -221,6 +204,7 @@ def _one_line(error: Exception) -> str:
 
 
 def _tfds_name_known(name: str, data_dir: Optional[str]) -> bool:
+  # TFDS (and TensorFlow under it) is heavy and optional: imported only when a TFDS name is checked.
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
     tfds.builder(name, data_dir=data_dir)   # registered in code, or prepared in data_dir: offline
@@ -231,7 +215,6 @@ def _tfds_name_known(name: str, data_dir: Optional[str]) -> bool:
 
 def _check_dataset(config, problems: List[str]):
   """The data's DatasetInfo, or None when it is unknown (bad fields, or a TFDS community dataset)."""
-  from nfnets.data import info as info_lib  # pylint: disable=g-import-not-at-top
   ds = config.dataset
   name, data_dir = ds.get('name'), ds.get('data_dir')
   before = len(problems)
@@ -333,14 +316,12 @@ def _check_ra_ops(config, problems: List[str]) -> None:
   ra_ops = _get(config, 'dataset.augment.ra_ops')
   if ra_ops is _MISSING or config.dataset.get('name') == 'fake':
     return                    # fake data is not augmented
-  from nfnets.data.randaugment import RA_OPS as options  # pylint: disable=g-import-not-at-top
-  if ra_ops not in options:
-    problems.append(f'dataset.augment.ra_ops={ra_ops!r} must be one of {", ".join(map(repr, options))}')
+  if ra_ops not in RA_OPS:
+    problems.append(f'dataset.augment.ra_ops={ra_ops!r} must be one of {", ".join(map(repr, RA_OPS))}')
 
 
 def _check_tuning_switch(problems: List[str]) -> None:
   """The NFNETS_TUNING environment variable (nfnets/cpu/tuning.py) is read while compiling: check it first."""
-  from nfnets.cpu import tuning  # pylint: disable=g-import-not-at-top
   try:
     tuning.enabled()
   except ValueError as e:

@@ -248,10 +248,8 @@ def test_eval_counts_every_example_for_raw_and_ema():
   metrics = xp.evaluate(state)
   host = to_host(state)
   count, correct, loss = 0.0, {'': 0.0, 'ema_': 0.0}, {'': 0.0, 'ema_': 0.0}
-  for batch in data.eval_iterator(cfg.dataset, global_batch_size=64, image_size=xp.eval_image_size,
-                                  num_local_devices=2):
-    images = batch['images'].reshape((-1,) + batch['images'].shape[2:])
-    labels, mask = batch['labels'].reshape(-1), batch['mask'].reshape(-1)
+  for batch in data.eval_iterator(cfg.dataset, global_batch_size=64, image_size=xp.eval_image_size):
+    images, labels, mask = batch['images'], batch['labels'], batch['mask']
     count += mask.sum()
     for prefix, params in (('', host.params), ('ema_', host.ema_params)):
       logits = np.asarray(xp.net.apply(params, None, normalize.normalize(images), False), np.float64)

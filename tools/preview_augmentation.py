@@ -33,10 +33,10 @@ def main(_):
   config = _CONFIG.value
   num = max(2, _NUM.value + _NUM.value % 2)
   xp = experiment.Experiment(config, devices=jax.local_devices()[:1])
-  batch = next(data.train_iterator(config.dataset, global_batch_size=num, num_local_devices=1, seed=_SEED.value,
-                                   process_index=0, process_count=1, **xp.train_input()))
+  batch = next(data.train_iterator(config.dataset, global_batch_size=num, seed=_SEED.value, process_index=0,
+                                   process_count=1, **xp.train_input()))
   augment = jax.jit(lambda x, y, k: device_augment.augment_batch(x, y, k, **xp.train_augment()))
-  images, targets, _ = augment(batch['images'][0], batch['labels'][0], jax.random.PRNGKey(_SEED.value))
+  images, targets, _ = augment(batch['images'], batch['labels'], jax.random.PRNGKey(_SEED.value))
   pixels = np.asarray(images) * np.float32(normalize.STDDEV_RGB) + np.float32(normalize.MEAN_RGB)
   pixels = np.clip(np.round(pixels), 0, 255).astype(np.uint8)
   cols = int(np.ceil(np.sqrt(num)))

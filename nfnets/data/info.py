@@ -1,10 +1,12 @@
-"""Dataset sizes, without importing TensorFlow for synthetic ('fake') data.
+"""Dataset sizes, without importing TensorFlow or Grain unless the data needs them.
 
-`import nfnets.data` stays light: the TF pipeline (and TensorFlow itself, ~0.5 GiB of resident memory) is
-imported the first time an iterator or a real dataset's sizes are needed, so benchmarks on fake data and
-inference-only programs do not pay for it.
+`import nfnets.data` stays light: the pipeline (Grain, and TensorFlow for decoding, ~0.5 GiB of resident
+memory) is imported the first time an iterator is made, and TFDS only for a TFDS dataset, so benchmarks on
+fake data and inference-only programs do not pay for them.
 """
 import dataclasses
+
+from nfnets.data import sources
 
 FAKE_NUM_CLASSES = 1000
 IMAGENET_TRAIN_EXAMPLES = 1_281_167   # ImageNet-2012 'train' (TFDS imagenet2012)
@@ -22,6 +24,5 @@ class DatasetInfo:
 def dataset_info(ds_config) -> DatasetInfo:
   if ds_config.name == 'fake':
     return DatasetInfo(FAKE_NUM_CLASSES, FAKE_NUM_TRAIN, FAKE_NUM_EVAL)
-  from nfnets.data import sources  # pylint: disable=g-import-not-at-top (imports TensorFlow)
   source = sources.get_source(ds_config)
   return DatasetInfo(source.num_classes, source.num_train, source.num_eval)

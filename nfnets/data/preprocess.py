@@ -1,12 +1,28 @@
-"""Per-example train and eval preprocessing (the reference code's dataset.py; paper App. A), in TF so it runs inside tf.data.
+"""Per-example train and eval preprocessing (the reference code's dataset.py; paper App. A), in TF: the
+reference's own ops (the Inception crop sampler, JPEG decode-and-crop, bicubic resize), traced once per
+setting and called per example by the stream's decoder (nfnets/data/decode.py).
 
 Randomness is stateless: every function takes a `key` (int64 [2]), so a seed fixes every crop and flip.
 Outputs are float32 in the 0..255 range, not clamped (bicubic overshoots, as in the reference); the
 normalisation is applied on the device (nfnets.data.normalize).
 """
+from typing import Optional
+
 import tensorflow as tf
 
 CENTER_CROP_PAD = 32   # the fallback crop keeps S / (S + 32) of the shorter side, as the reference
+# The reference code's eval resize (resize_crop_32): to S + 32, centre crop S, at S >= 256 (F0's test size);
+# below it the pad shrinks with S, so small images keep the same crop ratio 256 / 288.
+REFERENCE_EVAL_PAD, REFERENCE_EVAL_SIZE = 32, 256
+
+
+def eval_resize_pad(image_size: int, resize_pad: Optional[int] = None) -> int:
+  """The eval resize pad: `resize_pad` when set, else 32 at S >= 256 and round(S * 32 / 256) below."""
+  if resize_pad is not None:
+    return resize_pad
+  if image_size >= REFERENCE_EVAL_SIZE:
+    return REFERENCE_EVAL_PAD
+  return round(image_size * REFERENCE_EVAL_PAD / REFERENCE_EVAL_SIZE)
 
 
 def center_crop_window(shape: tf.Tensor, image_size: int) -> tf.Tensor:
@@ -71,8 +87,11 @@ def train_image(image: tf.Tensor, key: tf.Tensor, *, encoded: bool, image_size: 
   return tf.ensure_shape(resized, [image_size, image_size, 3])
 
 
-def eval_image(image: tf.Tensor, *, encoded: bool, image_size: int, resize_pad: int) -> tf.Tensor:
-  """Square bicubic resize of the whole image to S + pad (aspect not kept), centre crop S (the reference code's resize_crop_32)."""
+def eval_image(image: tf.Tensor, *, encoded: bool, image_size: int,
+               resize_pad: Optional[int] = None) -> tf.Tensor:
+  """Square bicubic resize of the whole image to S + pad (aspect not kept), centre crop S (the reference
+  code's resize_crop_32). `resize_pad` None: `eval_resize_pad`'s rule."""
+  resize_pad = eval_resize_pad(image_size, resize_pad)
   if resize_pad < 0:
     raise ValueError(f'eval_resize_pad must be >= 0, got {resize_pad}')
   big = image_size + resize_pad

@@ -1,67 +1,144 @@
-"""Where examples come from: digits (in memory), TFDS (ImageNet and others), an image folder.
+"""Where examples come from, with random access: digits (arrays), TFDS datasets in ArrayRecord format, an
+image folder (a list of files). 'fake' data never reaches this module: the pipeline makes it directly.
 
-A `Source` hands out per-process shards as tf.data datasets of {'image', 'label'}; `image` is either a decoded
-uint8 [H, W, 3] tensor or encoded bytes (`Source.encoded`), so the train path can crop JPEGs before decoding.
-'fake' data never reaches this module: the pipeline makes it directly, with no decoding cost.
+A split is a sequence (`len(split)`, `split[i]`) of {'image', 'label'} records, what Grain's
+`MapDataset.source` reads: `image` is either encoded bytes (`Source.encoded`, so the train path can crop
+JPEGs while decoding) or decoded uint8 pixels [H, W, 3]. Random access is what lets the stream read the
+examples of any step directly (nfnets/data/pipeline.py); a TFDS dataset prepared only as TFRecord has none.
 """
-import concurrent.futures
 import dataclasses
+import fractions
+import functools
 import os
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from absl import logging
 import numpy as np
-from PIL import Image
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
 NAMES = ('digits', 'fake', 'folder', 'imagenet2012', '<any TFDS image classification dataset>')
 DIGITS_NUM_TEST = 360            # of scikit-learn's 1797 digits; the other 1437 train
 DIGITS_SPLIT_SEED = 0
 IMAGENET_HOLDOUT = 10_000        # the reference code: the first 10k train images are the holdout
-FOLDER_EVAL_EVERY = 10           # flat folder layout: file i of a class (sorted) is eval when i % 10 == 0
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
 
-# (process_index, process_count) -> (that process's dataset, files dropped as unreadable while listing it)
-ShardFn = Callable[[int, int], Tuple[tf.data.Dataset, int]]
+
+class _Split:
+  """What every split has besides len() and [i]: `describe(i)` names record i in a warning."""
+  encoded = True
+
+  def __call__(self, process_index: int, process_count: int):
+    """Deprecated: (a tf.data dataset of this split's records, 0), the per-process view the tf.data
+    pipeline had; kept only for tools/linear_probe.py until it reads `nfnets.data.eval_iterator`."""
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top (heavy; only this old path needs it)
+    if (process_index, process_count) != (0, 1):
+      raise ValueError('the deprecated tf.data view of a split serves one process only')
+    image = (tf.TensorSpec([], tf.string) if self.encoded else tf.TensorSpec([None, None, 3], tf.uint8))
+    return tf.data.Dataset.from_generator(
+        lambda: (self[i] for i in range(len(self))),
+        output_signature={'image': image, 'label': tf.TensorSpec([], tf.int32)}), 0
+
+
+class ArraySplit(_Split):
+  """Records from in-memory arrays: uint8 images [N, H, W, 3] and int labels [N]."""
+  encoded = False
+
+  def __init__(self, name: str, images: np.ndarray, labels: np.ndarray):
+    self.name, self.images, self.labels = name, images, labels
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def __getitem__(self, i: int) -> dict:
+    return {'image': self.images[i], 'label': int(self.labels[i])}
+
+  def describe(self, i: int) -> str:
+    return f'{self.name}[{i}]'
+
+
+class FileSplit(_Split):
+  """Records read from image files: the encoded bytes and the class index. `paths` are relative to `root`
+  (a shorter list to send to each worker process)."""
+
+  def __init__(self, root: str, paths: Sequence[str], labels: Sequence[int]):
+    self.root, self.paths, self.labels = root, list(paths), np.asarray(labels, np.int32)
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def __getitem__(self, i: int) -> dict:
+    with open(os.path.join(self.root, self.paths[i]), 'rb') as f:
+      return {'image': f.read(), 'label': int(self.labels[i])}
+
+  def describe(self, i: int) -> str:
+    return os.path.join(self.root, self.paths[i])
+
+
+class TfdsSplit(_Split):
+  """Records of a TFDS data source (ArrayRecord files) with the image left encoded."""
+
+  def __init__(self, name: str, split: str, data_source):
+    self.name, self.split, self.data_source = name, split, data_source
+
+  def __len__(self) -> int:
+    return len(self.data_source)
+
+  def __getitem__(self, i: int) -> dict:
+    ex = self.data_source[i]
+    return {'image': ex['image'], 'label': int(ex['label'])}
+
+  def describe(self, i: int) -> str:
+    return f"{self.name} '{self.split}' example {i}"
 
 
 @dataclasses.dataclass(frozen=True)
 class Source:
   num_classes: int
-  num_train: int                  # for 'folder', files listed; unreadable ones are dropped (and counted) later
-  num_eval: int
+  train: Sequence[dict]           # a split: len() and [i] -> {'image', 'label'}
+  eval: Sequence[dict]
   encoded: bool                   # 'image' holds encoded bytes rather than decoded uint8 pixels
-  train: ShardFn
-  eval: ShardFn
-  eval_shard_sizes: Callable[[int], List[int]]   # process_count -> examples in each process's eval shard
+  note: str = ''                  # how the eval split was made, when the data did not say
 
+  @property
+  def num_train(self) -> int:
+    return len(self.train)
 
-def shard_range(n: int, index: int, count: int) -> Tuple[int, int]:
-  """[start, end) of process `index`'s part of n examples, as np.array_split (as the reference code shards)."""
-  start = index * (n // count) + min(index, n % count)
-  return start, start + n // count + (index < n % count)
-
-
-def _array_shard_sizes(n: int) -> Callable[[int], List[int]]:
-  return lambda count: [shard_range(n, i, count)[1] - shard_range(n, i, count)[0] for i in range(count)]
+  @property
+  def num_eval(self) -> int:
+    return len(self.eval)
 
 
 def get_source(ds_config) -> Source:
-  name = ds_config.name
-  if name == 'digits':
-    return digits_source(ds_config.train_split, ds_config.eval_split)
-  if name == 'folder':
-    return folder_source(ds_config.data_dir, ds_config.train_split, ds_config.eval_split)
-  if name == 'fake':
+  """The dataset `ds_config` names, opened once per process."""
+  if ds_config.name == 'fake':
     raise ValueError("'fake' data has no Source; the pipeline generates it")
-  return tfds_source(name, ds_config.data_dir, ds_config.train_split, ds_config.eval_split)
+  return _open(ds_config.name, ds_config.get('data_dir'), ds_config.train_split, ds_config.eval_split,
+               ds_config.get('folder_eval_fraction', 0.1))
+
+
+@functools.lru_cache(maxsize=8)
+def _open(name, data_dir, train_split, eval_split, folder_eval_fraction) -> Source:
+  # Cached: a folder is listed (and a TFDS dataset's metadata read) once per process, not at every eval.
+  if name == 'digits':
+    source = digits_source(train_split, eval_split)
+  elif name == 'folder':
+    source = folder_source(data_dir, train_split, eval_split, folder_eval_fraction)
+  else:
+    source = tfds_source(name, data_dir, train_split, eval_split)
+  return source
+
+
+def describe(ds_config, source: Source) -> str:
+  """One line of split sizes (train.py logs it when training starts: small splits are worth knowing)."""
+  return (f'Dataset {ds_config.name}: {source.num_train} train examples ({ds_config.train_split!r}), '
+          f'{source.num_eval} eval examples ({ds_config.eval_split!r}), {source.num_classes} classes'
+          + (f'; {source.note}' if source.note else ''))
 
 
 # ---------------------------------------------------------------------------------------------------- digits
 
 def digits_arrays() -> dict:
   """{'train'/'test': (uint8 [N, 8, 8, 3], int32 [N])}: a fixed seeded split of scikit-learn's digits."""
+  # scikit-learn is imported only for the digits (its import costs about a second).
   from sklearn import datasets  # pylint: disable=g-import-not-at-top
   digits = datasets.load_digits()
   # Values are 0..16; scale to the 0..255 range the ImageNet normalisation expects.
@@ -73,33 +150,28 @@ def digits_arrays() -> dict:
   return {'train': (images[train], labels[train]), 'test': (images[test], labels[test])}
 
 
-def _array_shards(images: np.ndarray, labels: np.ndarray) -> ShardFn:
-  def shard(index, count):
-    start, end = shard_range(len(labels), index, count)
-    return tf.data.Dataset.from_tensor_slices({'image': images[start:end], 'label': labels[start:end]}), 0
-  return shard
-
-
 def digits_source(train_split: str, eval_split: str) -> Source:
   arrays = digits_arrays()
   for split in (train_split, eval_split):
     if split not in arrays:
       raise ValueError(f'Unknown digits split {split!r}; accepted: {sorted(arrays)}')
-  (train_x, train_y), (eval_x, eval_y) = arrays[train_split], arrays[eval_split]
-  return Source(10, len(train_y), len(eval_y), False, _array_shards(train_x, train_y),
-                _array_shards(eval_x, eval_y), _array_shard_sizes(len(eval_y)))
+  return Source(10, ArraySplit(f'digits {train_split}', *arrays[train_split]),
+                ArraySplit(f'digits {eval_split}', *arrays[eval_split]), encoded=False)
 
 
 # ---------------------------------------------------------------------------------------------------- TFDS
 
-def _imagenet_missing_error(builder, data_dir) -> FileNotFoundError:
-  where = data_dir or tfds.core.constants.DATA_DIR
+def _prepare_command(name: str, root: str) -> str:
+  return (f'python -c "import tensorflow_datasets as tfds; tfds.builder(\'{name}\', data_dir=\'{root}\', '
+          f'file_format=\'array_record\').download_and_prepare()"')
+
+
+def _imagenet_missing_error(root: str) -> FileNotFoundError:
   return FileNotFoundError(
-      f'ImageNet (imagenet2012) is not prepared in data_dir={where!r}. TFDS cannot download it: put '
-      f'ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in {os.path.join(where, "downloads", "manual")}/ '
-      f'and run once:\n  tfds build imagenet2012 --data_dir={where}\n'
-      f'(or python -c "import tensorflow_datasets as tfds; tfds.builder(\'imagenet2012\', '
-      f'data_dir=\'{where}\').download_and_prepare()"). Then set config.dataset.data_dir={where!r}.')
+      f'ImageNet (imagenet2012) is not prepared in data_dir={root!r}. TFDS cannot download it: put '
+      f'ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in {os.path.join(root, "downloads", "manual")}/ '
+      f'and run once:\n  {_prepare_command("imagenet2012", root)}\n'
+      f'Then set config.dataset.data_dir={root!r}.')
 
 
 def _tfds_split(name: str, split: str) -> str:
@@ -111,6 +183,8 @@ def _tfds_split(name: str, split: str) -> str:
 
 
 def tfds_source(name: str, data_dir: Optional[str], train_split: str, eval_split: str) -> Source:
+  # TFDS (and TensorFlow under it) is heavy and needed only for TFDS data.
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
@@ -118,38 +192,34 @@ def tfds_source(name: str, data_dir: Optional[str], train_split: str, eval_split
   features = builder.info.features
   if 'image' not in features or 'label' not in features:
     raise ValueError(f'TFDS dataset {name!r} has features {sorted(features)}; need "image" and "label"')
+  root = data_dir or tfds.core.constants.DATA_DIR
 
-  def open_split(split, read_config=None, shuffle_files=False):
+  def not_prepared(error):
+    if name == 'imagenet2012':
+      return _imagenet_missing_error(root)
+    return FileNotFoundError(f'TFDS dataset {name!r} is not prepared in data_dir={root!r}; prepare it once '
+                             f'where the data can be fetched: {_prepare_command(name, root)}')
+
+  def open_split(split):
     try:
-      ds = builder.as_dataset(split=split, decoders={'image': tfds.decode.SkipDecoding()},
-                              shuffle_files=shuffle_files, read_config=read_config)
-    except AssertionError as e:   # TFDS signals "no prepared data" with an AssertionError
-      if name == 'imagenet2012':
-        raise _imagenet_missing_error(builder, data_dir) from e
-      raise FileNotFoundError(f'TFDS dataset {name!r} is not prepared in data_dir={data_dir!r}: run '
-                              f'`tfds build {name} --data_dir=<dir>` where the data can be fetched') from e
-    return ds.map(lambda ex: {'image': ex['image'], 'label': tf.cast(ex['label'], tf.int32)})
+      data_source = builder.as_data_source(split=_tfds_split(name, split),
+                                           decoders={'image': tfds.decode.SkipDecoding()})
+    except NotImplementedError as e:   # not prepared, or prepared in a format without random access
+      if not builder.is_prepared():
+        raise not_prepared(e) from e
+      raise ValueError(
+          f'TFDS dataset {name!r} in {builder.data_dir} is prepared as {builder.info.file_format.value} '
+          'only, which has no random access: convert it in place with `tfds convert_format '
+          f'--dataset_version_dir={builder.data_dir} --out_file_format=array_record` (the tfds command '
+          f'needs `pip install apache-beam`), or prepare it again in ArrayRecord: {_prepare_command(name, root)}'
+      ) from e
+    except (AssertionError, ValueError, FileNotFoundError) as e:   # TFDS's other ways of saying it
+      if builder.is_prepared():
+        raise
+      raise not_prepared(e) from e
+    return TfdsSplit(name, split, data_source)
 
-  def num_examples(split):
-    try:
-      return builder.info.splits[split].num_examples
-    except (KeyError, ValueError):
-      # Unprepared metadata (mock data in tests): count by reading, which also raises the clear error above.
-      return int(open_split(split).reduce(0, lambda n, _: n + 1))
-
-  train, evals = _tfds_split(name, train_split), _tfds_split(name, eval_split)
-
-  def shard(split, shuffle):
-    def fn(index, count):
-      part = tfds.even_splits(split, n=count)[index]
-      # Per-process file order is seeded so a run is reproducible; shuffle_files reorders files only.
-      return open_split(part, tfds.ReadConfig(shuffle_seed=index, try_autocache=False), shuffle), 0
-    return fn
-
-  num_eval = num_examples(evals)
-  # tfds.even_splits divides as np.array_split does, so shard sizes follow from the total.
-  return Source(features['label'].num_classes, num_examples(train), num_eval, True,
-                shard(train, True), shard(evals, False), _array_shard_sizes(num_eval))
+  return Source(features['label'].num_classes, open_split(train_split), open_split(eval_split), encoded=True)
 
 
 # ---------------------------------------------------------------------------------------------------- folder
@@ -159,36 +229,27 @@ def _list_images(directory: str) -> List[str]:
                 if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(directory, f)))
 
 
-def _readable(path: str) -> bool:
-  try:
-    with Image.open(path) as im:   # reads the header only; full corruption is caught at decode time
-      return im.format is not None
-  except Exception:  # pylint: disable=broad-except
-    return False
+def held_out(i: int, fraction) -> bool:
+  """Whether file i (sorted) of a class goes to eval in the flat layout: the files where floor(i x fraction)
+  steps up, so ceil(n x fraction) of n files, spread evenly (fraction 0.1: files 0, 10, 20, ...). Exact
+  rational arithmetic, so 0.1 x 30 is 3, not 3.0000000000000004."""
+  f = fractions.Fraction(repr(fraction))
+  return (i * f).__floor__() > ((i - 1) * f).__floor__()
 
 
-def _drop_unreadable(files: Sequence[Tuple[str, int]]) -> Tuple[List[Tuple[str, int]], int]:
-  with concurrent.futures.ThreadPoolExecutor(16) as pool:   # I/O bound: threads hide file latency
-    ok = list(pool.map(_readable, [f for f, _ in files]))
-  bad = [f for (f, _), good in zip(files, ok) if not good]
-  for f in bad[:20]:
-    logging.warning('Skipping unreadable image %s', f)
-  if bad:
-    logging.warning('Skipped %d unreadable images (of %d)', len(bad), len(files))
-  return [f for f, good in zip(files, ok) if good], len(bad)
-
-
-def folder_layout(root: str, train_split: str, eval_split: str):
-  """(class names, train [(path, label)], eval [(path, label)]).
+def folder_layout(root: str, train_split: str, eval_split: str, eval_fraction: float = 0.1):
+  """(class names, train [(path, label)], eval [(path, label)], whether the layout is flat).
 
   Two layouts: `root/<train_split>/<class>/*` with `root/<eval_split>/<class>/*` (eval_split 'validation' also
-  finds 'val'), or a flat `root/<class>/*` where file i (sorted) of each class goes to eval when i % 10 == 0.
-  Classes are the sorted subfolder names of the train folder; an empty class keeps its index (so labels
-  do not shift when a class is emptied) and is reported with a warning.
+  finds 'val'), or a flat `root/<class>/*` where `eval_fraction` of each class's files (sorted) go to eval
+  (`held_out`). Classes are the sorted subfolder names of the train folder; an empty class keeps its index
+  (so labels do not shift when a class is emptied) and is reported with a warning.
   """
   if not root or not os.path.isdir(root):
     raise FileNotFoundError(f"config.dataset.data_dir={root!r} is not a folder; 'folder' data needs "
                             '<data_dir>/<class>/*.jpg (or <data_dir>/train/<class>/* and <data_dir>/val/<class>/*)')
+  if not 0 <= eval_fraction < 1:
+    raise ValueError(f'dataset.folder_eval_fraction={eval_fraction!r} must be in [0, 1)')
   eval_names = [eval_split] + (['val'] if eval_split == 'validation' else [])
   eval_dirs = [os.path.join(root, n) for n in eval_names if os.path.isdir(os.path.join(root, n))]
   split_layout = os.path.isdir(os.path.join(root, train_split)) and eval_dirs
@@ -208,25 +269,18 @@ def folder_layout(root: str, train_split: str, eval_split: str):
       evals += [(f, label) for f in (_list_images(eval_class) if os.path.isdir(eval_class) else [])]
     else:
       for i, f in enumerate(files):
-        (evals if i % FOLDER_EVAL_EVERY == 0 else train).append((f, label))
-  return classes, train, evals
+        (evals if held_out(i, eval_fraction) else train).append((f, label))
+  return classes, train, evals, not split_layout
 
 
-def _file_shards(files: Sequence[Tuple[str, int]]) -> ShardFn:
-  def shard(index, count):
-    start, end = shard_range(len(files), index, count)
-    part, num_invalid = _drop_unreadable(files[start:end])
-    paths = [f for f, _ in part] or ['']
-    ds = tf.data.Dataset.from_tensor_slices({'path': paths, 'label': np.array([l for _, l in part] or [0],
-                                                                             np.int32)})
-    ds = ds.take(len(part))
-    return ds.map(lambda ex: {'image': tf.io.read_file(ex['path']), 'label': ex['label']}), num_invalid
-  return shard
+def _file_split(root: str, files: Sequence[Tuple[str, int]]) -> FileSplit:
+  return FileSplit(root, [os.path.relpath(f, root) for f, _ in files], [label for _, label in files])
 
 
-def folder_source(root: str, train_split: str, eval_split: str) -> Source:
-  classes, train, evals = folder_layout(root, train_split, eval_split)
+def folder_source(root: str, train_split: str, eval_split: str, eval_fraction: float = 0.1) -> Source:
+  classes, train, evals, flat = folder_layout(root, train_split, eval_split, eval_fraction)
   if not train:
     raise FileNotFoundError(f'No training images under {root!r} (extensions {IMAGE_EXTENSIONS})')
-  return Source(len(classes), len(train), len(evals), True, _file_shards(train), _file_shards(evals),
-                _array_shard_sizes(len(evals)))
+  note = (f'flat folder: the eval split is dataset.folder_eval_fraction={eval_fraction} of each class\'s '
+          'files' if flat else '')
+  return Source(len(classes), _file_split(root, train), _file_split(root, evals), encoded=True, note=note)
