@@ -239,8 +239,8 @@ def test_two_processes_equal_one_process(tmp_path):
 
 def _reference_main():
   """train.py in one process whose input is the concatenation of 2 processes' shards."""
-  from absl import app  # pylint: disable=g-import-not-at-top
   import experiment  # pylint: disable=g-import-not-at-top
+  from nfnets import console  # pylint: disable=g-import-not-at-top
   import train  # pylint: disable=g-import-not-at-top
   original = experiment.data_lib.train_iterator
 
@@ -251,7 +251,7 @@ def _reference_main():
       yield {k: np.concatenate([b0[k], b1[k]]) for k in b0}
 
   experiment.data_lib.train_iterator = two_process_batches
-  app.run(train.main)
+  console.run(train.main, train.USER_ERRORS, flags_parser=train.parse_flags)
 
 
 if __name__ == '__main__':
