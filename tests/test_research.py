@@ -154,6 +154,13 @@ def test_sweep_runs_resumes_and_isolates_failures(tmp_path, fake_train):
   assert by['optimizer.agc.clipping=0.01,batch_size=1024']['top1'] == pytest.approx(1 - 0.01 - 0.1024)
 
 
+def test_progress_is_the_newest_train_record(tmp_path):
+  (run,) = sweep_grid.make_runs(DEMO, str(tmp_path), [{}], fixed={'training_steps': 40})
+  assert sweep_runs.progress(run) is None   # nothing logged yet
+  _fake_run(run, step=30)                   # 30 train records, then a line cut short
+  assert sweep_runs.progress(run) == 'step 30/40 | loss 0.0333 | top1 50.00%'
+
+
 def test_sweep_detects_a_real_divergence(tmp_path):
   """The real train.py on weights with an Inf: its NaN guard stops the run at step 0 with one `error:` line
   and exit status 3, which the sweep records as diverged (not failed), with the step."""

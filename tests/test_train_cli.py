@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from cli_helpers import ENV, ROOT, TRAIN
+from cli_helpers import ENV, ROOT, TRAIN, console_lines
 
 # The shared 4-step run's flags (cli_helpers.TRAIN: one compiled program for several modules), logging
 # every 2 steps (a host-side setting: the same programs).
@@ -169,6 +169,8 @@ def test_folder_fine_tune_from_the_demo_run_predicts_class_names(demo_run, tmp_p
                             '--num=4'], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
   assert preview.returncode == 0, preview.stderr[-3000:]
   assert preview.stdout == f'Wrote 4 images to {workdir}/augmentation.png\n'
+  ours, others = console_lines(preview.stderr)
+  assert not others and len(ours) == 1 and f'Config {workdir}/config.json' in ours[0], preview.stderr
   assert os.path.getsize(os.path.join(workdir, 'augmentation.png')) > 5000
 
 
