@@ -42,12 +42,14 @@ def test_commands_run_as_entry_points_and_by_path(venv, tmp_path):
   entry = subprocess.run([str(venv / 'bin' / 'nfnets-sample-images'), '--out=a'], cwd=str(tmp_path),
                          capture_output=True, text=True, timeout=300, env=env)
   assert entry.returncode == 0, entry.stderr[-3000:]
-  assert sorted(os.listdir(tmp_path / 'a')) == [f'digit_{i}.png' for i in range(10)] + ['three_digits']
+  assert sorted(os.listdir(tmp_path / 'a')) == (['china.jpg'] + [f'digit_{i}.png' for i in range(10)]
+                                                 + ['flower.jpg', 'three_digits'])
   assert sorted(os.listdir(tmp_path / 'a' / 'three_digits')) == ['one', 'seven', 'zero']
   assert len(os.listdir(tmp_path / 'a' / 'three_digits' / 'seven')) == 39   # the test split's sevens
   # One project line on stderr, the paths written on stdout.
   assert len(entry.stderr.strip().splitlines()) == 1 and 'sample_images.py' in entry.stderr
-  assert entry.stdout == 'Wrote a/digit_*.png and a/three_digits/{zero,one,seven}/*.png\n'
+  assert entry.stdout == ('Wrote a/digit_*.png, a/flower.jpg and a/china.jpg, and '
+                          'a/three_digits/{zero,one,seven}/*.png\n')
   # A script run by its path finds the installed package (absl's --helpshort exits with status 1).
   by_path = subprocess.run([str(venv / 'bin' / 'python'), os.path.join(ROOT, 'tools', 'predict.py'),
                             '--helpshort'], cwd=str(tmp_path), capture_output=True, text=True, timeout=300,

@@ -1,10 +1,13 @@
 """Writes the sample inputs the README's examples use, with nothing downloaded (`make demo` runs it).
 
-  python -m tools.sample_images      # runs/samples/digit_<label>.png and runs/samples/three_digits/
+  python -m tools.sample_images      # runs/samples/: digit_<label>.png, two photos, three_digits/
 
   digit_<label>.png   one image of each class 0..9 from the digits test split (the demo run never trained
                       on them), as the 8x8 pixels the digits data holds: tools.predict resizes them to the
                       run's 32 px exactly as its eval does.
+  flower.jpg, china.jpg
+                      scikit-learn's two sample photos (shipped with it), for predicting with ImageNet weights
+                      such as DeepMind's released F0_haiku.npz.
   three_digits/<class>/*.png
                       a small image folder for the fine-tuning example (`configs/finetune.py:tiny` from the
                       demo run): every test-split image of three classes, in folders named by the class
@@ -40,6 +43,16 @@ def write_digits(out: str) -> List[str]:
   return paths
 
 
+def write_photos(out: str) -> List[str]:
+  """scikit-learn's sample photos as `<out>/flower.jpg` and `<out>/china.jpg`."""
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+  paths = []
+  for name in ('flower.jpg', 'china.jpg'):
+    paths.append(os.path.join(out, name))
+    Image.fromarray(datasets.load_sample_image(name)).save(paths[-1], quality=95)
+  return paths
+
+
 def write_folder(out: str) -> str:
   """`<out>/three_digits/<class>/<i>.png`: every test image of the classes of FOLDER_CLASSES."""
   from nfnets.data import sources  # pylint: disable=g-import-not-at-top
@@ -56,11 +69,13 @@ def main(argv):
   del argv
   os.makedirs(_OUT.value, exist_ok=True)
   digits = write_digits(_OUT.value)
+  photos = write_photos(_OUT.value)
   folder = write_folder(_OUT.value)
   counts = {name: len(os.listdir(os.path.join(folder, name))) for name in FOLDER_CLASSES.values()}
   logging.info('%d digit images; an image folder of %d classes: %s', len(digits), len(counts),
                ', '.join(f'{n} {c}' for n, c in counts.items()))
-  print(f'Wrote {os.path.join(_OUT.value, "digit_*.png")} and {folder}/{{{",".join(counts)}}}/*.png')
+  print(f'Wrote {os.path.join(_OUT.value, "digit_*.png")}, {" and ".join(photos)}, and '
+        f'{folder}/{{{",".join(counts)}}}/*.png')
   return 0
 
 
