@@ -120,13 +120,8 @@ class Experiment:
 
   # ---------------------------------------------------------------- model
   def _forward(self, images, is_training: bool):
-    m = self.config.model
-    overrides = dict(stochdepth_rate=m.stochdepth_rate, conv_impl=m.conv_impl, remat=self.config.remat,
-                     skip_gain_init=m.skip_gain_init)
-    for field in ('drop_rate', 'width', 'depths'):
-      if m.get(field) is not None:
-        overrides[field] = m[field]
-    return nfnets.create_model(m.name, m.num_classes, **overrides)(images, is_training=is_training)
+    model = nfnets.model_from_config(self.config.model, remat=self.config.remat)
+    return model(images, is_training=is_training)
 
   def _init_params(self, rng):
     dummy = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)

@@ -7,34 +7,45 @@ Multi-process (TPU pods, GPU clusters): see nfnets/distributed.py. On a TPU pod 
 is needed; elsewhere start one process per host with --coordinator_address/--num_processes/--process_id.
 `python -m tools.launch_local` starts several processes on this machine for testing.
 
-The whole config is checked before any data is read or anything compiles (nfnets/config_validation.py). A
-user error (a bad value, an unknown config field, a missing config or init_from file, an unknown dataset)
-prints `error: <message>` lines to stderr and exits with status 2, without a traceback.
+A workdir that holds a run supplies its own config (its config.json): `--mode=eval`, a resume, or a longer
+run need only `--workdir` and the overrides; `--config` is then optional and applies only to a new run. A
+saved config.json is also accepted as `--config` (nfnets/run_config.py).
+
+The whole config is checked before any data is read or anything compiles (nfnets/config_validation.py).
+Failures end in one `error: ...` line on stderr, without a traceback (nfnets/console.py):
+  exit 2   a user error: a bad value, an unknown config field, a missing config or init_from file, an
+           unknown dataset, a workdir whose checkpoints are of another architecture than the config;
+  exit 3   the loss or gradient became NaN/Inf (the last good checkpoint is kept);
+  exit 74  the storage refused a write (a full disk or quota, a read-only workdir): the checkpoints already
+           written stay intact, and rerunning the same command resumes from the newest one.
+
+`--mode=eval --eval_sizes=224,256` logs each size as its own series (`eval_224px/top1`, records of kind
+`eval_224px` in metrics.jsonl), so the run's own `eval/top1` curve is left as training wrote it.
 
 Console: this project's INFO lines (progress, evals, checkpoints) and everyone's warnings.
 `--verbosity=1` adds other libraries' INFO lines (orbax, ...); `--verbosity=2` their DEBUG lines too.
 """
-import difflib
-import importlib.util
-import os
-import re
 import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 import jax
-from ml_collections import config_flags
 
+from configs import base
 import experiment
 from nfnets import config_validation
 from nfnets import console
+from nfnets import data as data_lib
 from nfnets import distributed
+from nfnets import run_config
+from nfnets import run_dir
 from nfnets import trainer as trainer_lib
 
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file, e.g. configs/f0.py.',
-                                          lock_config=True)
+_CONFIG = run_config.define_config_flag(
+    base.get_config, 'A config file, e.g. configs/f0.py, or a saved run\'s config.json; optional when --workdir '
+    'holds a run (its config.json is then the config).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs.')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
                           'train: train (resuming if possible); eval: evaluate the latest checkpoint.')
@@ -48,67 +59,17 @@ _INIT_TIMEOUT = flags.DEFINE_integer('initialization_timeout', 300,
                                      'Seconds to wait for the coordinator and all processes; then fail.')
 _HEARTBEAT_TIMEOUT = flags.DEFINE_integer('heartbeat_timeout', 100,
                                           'Seconds without a heartbeat after which a peer counts as dead.')
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.mark_flags_as_required(['workdir'])
 
 
-def user_error(lines) -> None:
-  """Reports a user error (`console.user_error`) and exits with its status."""
-  sys.exit(console.user_error(lines))
-
-
-def _config_arg(argv):
-  """The value of the last --config in argv ('configs/f0.py' or 'configs/f0.py:plus'), or None."""
-  value = None
-  for i, arg in enumerate(argv):
-    m = re.match(r'^--?config(=(.*))?$', arg)
-    if m:
-      value = m.group(2) if m.group(1) else (argv[i + 1] if i + 1 < len(argv) else '')
-  return value
-
-
-def _unknown_override(argv):
-  """The first `--config.a.b` override in argv that names no field of the config, as a message, or None."""
-  spec = _config_arg(argv)
-  if not spec:
-    return None
-  path, *args = spec.split(':', 1)
-  module_spec = importlib.util.spec_from_file_location('_config_to_check', path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  config = module.get_config(*args)
-  for arg in argv:
-    m = re.match(r'^--?(?:no)?config\.([^=]+)', arg)
-    if not m:
-      continue
-    node, keys = config, m.group(1).split('.')
-    for depth, key in enumerate(keys):
-      fields = list(node.keys()) if hasattr(node, 'keys') else []
-      if key not in fields:
-        close = difflib.get_close_matches(key, fields, 1)
-        hint = f"; did you mean '{'.'.join(keys[:depth] + close)}'?" if close else ''
-        return f"--config.{m.group(1)}: the config has no field '{m.group(1)}'{hint}"
-      node = node[key]
-  return None
+# One `error:` line each (nfnets/console.py): exit 2 for these, 3 for a NaN/Inf loss, 74 for a full or
+# read-only disk.
+USER_ERRORS = (config_validation.ConfigError, run_dir.IncompatibleCheckpointError, run_dir.CheckpointRestoreError)
 
 
 def parse_flags(argv):
-  """absl's flag parsing, with user mistakes reported as one `error:` line and exit status 2."""
-  spec = _config_arg(argv)
-  if spec and not os.path.isfile(spec.split(':', 1)[0]):
-    user_error(f"--config={spec}: no such config file {spec.split(':', 1)[0]!r}")
-  try:
-    return flags.FLAGS(argv)
-  except (AttributeError, KeyError):   # an override of a field the config does not have
-    message = _unknown_override(argv)
-    if message is None:
-      raise
-    user_error(message)
-  except flags.Error as e:
-    text = str(e)
-    if 'Error whilst parsing config file' in text:   # the config's get_config refused its argument
-      last = text.strip().splitlines()[-1]
-      text = f'--config={spec}: ' + re.sub(r'^(ValueError|TypeError): ', '', last)
-    user_error(' '.join(text.split()))
+  """absl's flag parsing; a --workdir that holds a run supplies its saved config (`nfnets.run_config`)."""
+  return run_config.parse_flags(argv, base.get_config)
 
 
 def parse_size(text: str) -> int:
@@ -130,22 +91,39 @@ def eval_table(results) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  console.configure(flags.FLAGS.verbosity if flags.FLAGS['verbosity'].present else 0)
   # Before anything touches a device.
   cluster = distributed.detect(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   distributed.initialize(cluster, _INIT_TIMEOUT.value, _HEARTBEAT_TIMEOUT.value)
-  config = _CONFIG.value
+  eval_sizes = [parse_size(s) for s in _EVAL_SIZES.value]
+  # The Experiment validates the whole config first thing, before any data is read or anything compiles.
+  with distributed.exit_hard_on_error(user_errors=USER_ERRORS):
+    try:
+      run(_CONFIG.value, eval_sizes)
+    except trainer_lib.NonFiniteLossError as e:
+      print(f'error: {e}', file=sys.stderr)
+      return console.DIVERGED_EXIT
+  return 0
+
+
+def fit_batch_to_data(config) -> None:
+  """`fit_batch_to_data` recipes (configs/finetune.py): a batch no larger than the train split, set before
+  the Experiment splits it over the devices. An unreadable dataset is left to the Experiment's validation."""
+  if not config.get('fit_batch_to_data'):
+    return
   try:
-    eval_sizes = [parse_size(s) for s in _EVAL_SIZES.value]
-    # The Experiment validates the whole config first thing, before any data is read or anything compiles.
-    with distributed.exit_hard_on_error(user_errors=config_validation.ConfigError):
-      run(config, eval_sizes)
-  except config_validation.ConfigError as e:
-    user_error(e.problems)
+    num_train = data_lib.dataset_info(config.dataset).num_train_examples
+  except Exception:  # pylint: disable=broad-except
+    return
+  before = config.batch_size
+  if config_validation.fit_batch_to_data(config, num_train, jax.process_count(), jax.local_device_count()):
+    logging.info('batch_size=%d is more than the %d train examples: batch_size=%d (fit_batch_to_data); '
+                 'epochs and optimizer.warmup_epochs count steps of it', before, num_train, config.batch_size)
 
 
 def run(config, eval_sizes=()):
+  fit_batch_to_data(config)
   xp = experiment.Experiment(config)  # validates the config first
+  logging.info('%s', run_config.describe())
   logging.info('JAX %s: process %d of %d, %d local device(s) of %d (%s)', jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.default_backend())
@@ -163,5 +141,10 @@ def run(config, eval_sizes=()):
           f'Checkpoints: {trainer.io.checkpoint_dir}')
 
 
+def cli():
+  """The `nfnets-train` command (pyproject.toml); `python train.py` runs the same."""
+  console.run(main, USER_ERRORS, flags_parser=parse_flags)
+
+
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  cli()

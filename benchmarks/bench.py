@@ -213,7 +213,7 @@ def run(config, variants, mode='train', batch_size=8, resolution=None, dtype='fl
   for r in runners:
     xp = r.xp
     size = xp.image_size if mode == 'train' else xp.eval_image_size
-    macs = nfnets.count_flops(xp.config.model.name, size, xp.config.model.num_classes)
+    macs = nfnets.registry.plan_from_config(xp.config.model).macs(size)  # the model the config describes
     # Train: forward + two backward products = 3 x 2 x MACs per image. Eval: raw and EMA forwards.
     flops_per_image = (6 if mode == 'train' else 4) * macs
     step_time = statistics.median(r.times)

@@ -12,7 +12,7 @@ from ml_collections import config_dict
 def get_config(model_name: str = 'F0') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.batch_size = 4096                 # global batch, split over processes x devices x grad_accum_steps
-  c.epochs = 360                      # run length in passes over the train split (the paper's ImageNet runs)
+  c.epochs = 360.0                    # run length in passes over the train split (the paper's ImageNet runs)
   # None: num_train_examples * epochs // batch_size, the reference code's rule (1281167 * 360 // 4096 =
   # 112,602 steps), so a new batch_size keeps 360 epochs. Set, it decides and epochs is ignored.
   c.training_steps = config_dict.placeholder(int)
@@ -27,6 +27,10 @@ def get_config(model_name: str = 'F0') -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3              # how many recent checkpoints to keep
   c.eval_batch_size = 500             # global; the last batch is padded and masked
   c.init_from = ''                    # a checkpoint or released weights to initialise params from
+  c.finetune = False                  # True: a recipe that starts from init_from (a warning when it is empty)
+  # True: a batch_size above the train split's size is lowered to it (to a multiple of processes x devices
+  # x grad_accum_steps), so a step never repeats an example; fine-tuning on a small folder (finetune.py).
+  c.fit_batch_to_data = False
   c.remat = False                     # jax.checkpoint each block: less memory, ~30% more compute
   # XLA:CPU only (ignored on GPU/TPU): compile the train step with XLA's memory-optimised instruction
   # scheduler instead of its concurrency-optimised default (docs/performance.md, Memory).

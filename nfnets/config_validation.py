@@ -50,6 +50,21 @@ def resolve_training_steps(config, num_train_examples: int) -> int:
   return steps
 
 
+def fit_batch_to_data(config, num_train_examples: int, process_count: int, local_devices: int) -> Optional[int]:
+  """For a config with `fit_batch_to_data`: lowers `batch_size` to the train split's size, rounded down to
+  a multiple of processes x local devices x grad_accum_steps, when the split is smaller; returns the new
+  batch size (None when nothing changed). `epochs` and `optimizer.warmup_epochs` then count steps of it."""
+  bs, accum = config.get('batch_size'), config.get('grad_accum_steps')
+  if not (config.get('fit_batch_to_data') and _is_int(bs) and _is_int(accum) and accum >= 1):
+    return None
+  div = process_count * local_devices * accum
+  fitted = max(div, num_train_examples // div * div)
+  if bs <= num_train_examples or fitted >= bs:
+    return None
+  config.batch_size = fitted
+  return fitted
+
+
 # ------------------------------------------------------------------------------------------ field rules
 
 def _is_int(v) -> bool:
@@ -105,6 +120,8 @@ def _rules():
       ('keep_checkpoints', _int_min(1), False),
       ('eval_batch_size', _int_min(1), False),
       ('remat', _BOOL, False),
+      ('finetune', _BOOL, False),
+      ('fit_batch_to_data', _BOOL, False),
       ('cpu_memory_scheduler', _BOOL, False),
       ('compilation_cache_dir', (lambda v: isinstance(v, str), "must be a folder path, or '' for none"),
        False),
@@ -146,9 +163,6 @@ def _rules():
       ('dataset.augment.ra_layers', _int_min(0), True),
       ('dataset.augment.ra_magnitude',
        (lambda v: _is_num(v) and 0 <= v <= MAX_RA_MAGNITUDE, f'must be in [0, {MAX_RA_MAGNITUDE}]'), True),
-      # configs/finetune.py's transfer recipe
-      ('transfer.warmup_steps', _int_min(0), False),
-      ('transfer.num_train_examples', _int_min(1), False),
   ]
 
 

@@ -47,15 +47,17 @@ def nf_resnet_plan(num_classes: int = 1000, variant: str = 'ResNet50', width: fl
 class NFResBlock(hk.Module):
   """Pre-activation bottleneck (ratio 0.25) with an optional SE, stochastic depth and a skip gain."""
 
-  def __init__(self, spec: layers.BlockSpec, act, skip_gain_init: float = 0.0, name: Optional[str] = None):
+  def __init__(self, spec: layers.BlockSpec, act, conv_impl: str = 'auto', skip_gain_init: float = 0.0,
+               name: Optional[str] = None):
     super().__init__(name=name)
     self.spec, self.act, self.skip_gain_init = spec, act, skip_gain_init
     s = spec
-    self.conv0 = layers.WSConv2D(s.width, 1, name='conv0')
-    self.conv1 = layers.WSConv2D(s.width, 3, stride=s.stride, name='conv1')
-    self.conv2 = layers.WSConv2D(s.out_ch, 1, name='conv2')
+    self.conv0 = layers.WSConv2D(s.width, 1, conv_impl=conv_impl, name='conv0')
+    self.conv1 = layers.WSConv2D(s.width, 3, stride=s.stride, conv_impl=conv_impl, name='conv1')
+    self.conv2 = layers.WSConv2D(s.out_ch, 1, conv_impl=conv_impl, name='conv2')
     if s.use_projection:
-      self.conv_shortcut = layers.WSConv2D(s.out_ch, 1, stride=s.stride, name='conv_shortcut')
+      self.conv_shortcut = layers.WSConv2D(s.out_ch, 1, stride=s.stride, conv_impl=conv_impl,
+                                           name='conv_shortcut')
     self.se = layers.SqueezeExcite(s.out_ch, s.out_ch, hidden_ch=s.se_hidden) if s.se_hidden else None
     self.stoch_depth = layers.StochDepth(s.stochdepth_rate)
 
@@ -78,7 +80,7 @@ class NFResNet(hk.Module):
   returns of `NFNet`: logits, then `metrics` and `features` when asked. Features: `stem` (the 7x7 conv
   and 3x3 max pool, [B, H/4, W/4, 16 * width]), `stage_1`..`stage_4` (each stage's last block output),
   `pre_logits` (activation then global mean pool, before dropout: the classifier's input).
-  `conv_impl` is accepted for a uniform interface with NFNet; NF-ResNets have no grouped convs.
+  `conv_impl` lowers every conv as in `NFNet` (see `nfnets.conv`: 'auto' picks per backend and shape).
   `width` multiplies 16 (stem) and 64/128/256/512 (stages): 4 is ResNet-50's width. `depths` overrides
   the variant's blocks per stage. `skip_gain_init` is every block's initial skip gain (0: SkipInit).
   """
@@ -89,15 +91,15 @@ class NFResNet(hk.Module):
                depths: Optional[Sequence[int]] = None, conv_impl: str = 'auto', remat: bool = False,
                skip_gain_init: float = 0.0, name: str = 'NF_ResNet'):
     super().__init__(name=name)
-    del conv_impl
     self.plan = nf_resnet_plan(num_classes, variant, width=width, alpha=alpha,
                                stochdepth_rate=stochdepth_rate, use_se=use_se, se_ratio=se_ratio,
                                depths=depths)
     self.remat, self.drop_rate = remat, drop_rate
     self.act = layers.activation(activation)
     (stem,) = self.plan.stem
-    self.initial_conv = layers.WSConv2D(stem.out_ch, stem.kernel, stride=stem.stride, name=stem.name)
-    self.stages = [[NFResBlock(spec, self.act, skip_gain_init) for spec in stage]
+    self.initial_conv = layers.WSConv2D(stem.out_ch, stem.kernel, stride=stem.stride, conv_impl=conv_impl,
+                                        name=stem.name)
+    self.stages = [[NFResBlock(spec, self.act, conv_impl, skip_gain_init) for spec in stage]
                    for stage in self.plan.stages]
     self.blocks = [block for stage in self.stages for block in stage]
     self.fc = hk.Linear(num_classes, w_init=fc_init or hk.initializers.RandomNormal(0.01, 0))

@@ -26,9 +26,6 @@ def warmup_cosine_schedule(peak_lr: float, total_steps: int, warmup_steps: float
   """
   if total_steps < 1 or warmup_steps < 0:
     raise ValueError(f'Need total_steps >= 1 and warmup_steps >= 0, got {total_steps}, {warmup_steps}')
-  if total_steps <= warmup_steps:
-    logging.warning('training_steps (%d) <= warmup steps (%.1f): the LR never leaves warmup.',
-                    total_steps, warmup_steps)
 
   def schedule(step):
     t = jnp.asarray(step, jnp.float32)
@@ -44,6 +41,13 @@ def make_schedule(opt_config, batch_size: int, training_steps: int, num_train_ex
   """The LR schedule from a config: peak = base_lr * batch/256 (if scale_by_batch), warmup in epochs."""
   peak = opt_config.base_lr * (batch_size / REFERENCE_BATCH if opt_config.scale_by_batch else 1.0)
   warmup_steps = opt_config.warmup_epochs * num_train_examples / batch_size
+  if training_steps <= warmup_steps:
+    logging.warning(
+        'training_steps=%d ends inside the LR warmup (optimizer.warmup_epochs=%g of %d examples at '
+        'batch_size=%d is %.1f steps): the LR never reaches its peak. Set optimizer.warmup_epochs below %.3g, '
+        'or training_steps (or epochs) above %d.', training_steps, opt_config.warmup_epochs,
+        num_train_examples, batch_size, warmup_steps, training_steps * batch_size / num_train_examples,
+        math.ceil(warmup_steps))
   return warmup_cosine_schedule(peak, training_steps, warmup_steps, opt_config.get('min_lr', 0.0))
 
 

@@ -22,7 +22,9 @@ interruption, trained again now) are dropped, atomically (a temporary file renam
 one history. TensorBoard's event files are append-only and are left as they are: the interrupted steps'
 points stay in the older event file next to the repeated ones.
 """
+import contextlib
 import datetime
+import errno
 import json
 import os
 import time
@@ -34,6 +36,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from nfnets import console
+from nfnets import init_weights
+from nfnets.init_weights import CheckpointRestoreError  # pylint: disable=unused-import  (raised here too)
 from nfnets.devices import to_host
 from nfnets.train_state import TrainState
 
@@ -43,10 +48,6 @@ ITEMS = ('state', 'meta')
 
 class IncompatibleCheckpointError(ValueError):
   """A checkpoint of another model, class count or shapes than this run's config."""
-
-
-class CheckpointRestoreError(RuntimeError):
-  """No checkpoint of the workdir could be read."""
 
 
 def _shapes(params) -> dict:
@@ -70,11 +71,6 @@ def _fmt_duration(seconds: float) -> str:
   return str(datetime.timedelta(seconds=int(max(seconds, 0))))
 
 
-def _describe(e: BaseException) -> str:
-  text = ' '.join(str(e).split())
-  return f'{type(e).__name__}: {text[:300]}' + (' ...' if len(text) > 300 else '')
-
-
 class RunDir:
   """Checkpoints and metric writers of one workdir."""
 
@@ -83,19 +79,61 @@ class RunDir:
     self.checkpoint_dir = os.path.join(self.workdir, 'checkpoints')
     self.config = config
     self.is_writer = jax.process_index() == 0
-    os.makedirs(self.workdir, exist_ok=True)
-    self.manager = ocp.CheckpointManager(
-        self.checkpoint_dir,
-        options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True),
-        item_names=ITEMS)
     self._metrics_file = None
     self._tb = None
+    self._pending_step = None   # the step orbax may still be writing in the background
+    self._faulted = False
+    with self._writing(self.workdir, 'opening the run directory'):
+      os.makedirs(self.workdir, exist_ok=True)
+      # cleanup_tmp_directories: a checkpoint cut short (a full disk, a kill) stays in orbax's temporary
+      # folder `<step>.orbax-checkpoint-tmp`, which is never listed as a step; it is removed here.
+      self.manager = ocp.CheckpointManager(
+          self.checkpoint_dir, item_names=ITEMS, options=ocp.CheckpointManagerOptions(
+              max_to_keep=config.keep_checkpoints, create=True, cleanup_tmp_directories=True))
+    unfinished = sorted(d for d in os.listdir(self.checkpoint_dir) if '.orbax-checkpoint-tmp' in d)
+    if unfinished and self.is_writer:
+      logging.info('Removing %s in %s: checkpoint writes that were cut short (never restored).',
+                   ', '.join(unfinished), self.checkpoint_dir)
 
   def write_config(self) -> None:
     """Records the run's config; called once the workdir is known to hold no incompatible checkpoint."""
     if self.is_writer:
-      with open(os.path.join(self.workdir, 'config.json'), 'w') as f:
-        f.write(self.config.to_json_best_effort(indent=2))
+      path = os.path.join(self.workdir, 'config.json')
+      with self._writing(path, "writing the run's config"):
+        with open(path, 'w') as f:
+          f.write(self.config.to_json_best_effort(indent=2))
+
+  # ------------------------------------------------------------ storage faults
+  def intact_steps(self):
+    """The finished checkpoints on disk (orbax renames a step's folder to its number once it is whole)."""
+    try:
+      return sorted(int(d) for d in os.listdir(self.checkpoint_dir) if d.isdigit())
+    except OSError:
+      return []
+
+  @contextlib.contextmanager
+  def _writing(self, path: str, what: str):
+    """Turns a fault of the storage while doing `what` to `path` into one `console.StorageFault` whose line
+    names the path, what happened and what to do; what was written before is left as it is."""
+    try:
+      yield
+    except console.StorageFault:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      code = console.storage_errno(e)
+      if code is None:
+        raise
+      self._faulted = True
+      steps = self.intact_steps()
+      kept = (f'the checkpoints already written are intact (newest: step {steps[-1]})' if steps else
+              'no checkpoint had been written yet')
+      if code in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
+        todo = ('free space (or move the workdir) and rerun the same command: it resumes from the newest '
+                'intact checkpoint and removes the unfinished one')
+      else:
+        todo = f'make {self.workdir} writable, or copy it to writable storage and pass that --workdir'
+      raise console.StorageFault(
+          code, f'{path}: {console.STORAGE_ERRNOS[code]} while {what}; {kept}. To go on, {todo}.') from e
 
   # ------------------------------------------------------------ checkpoints
   def latest_step(self) -> Optional[int]:
@@ -122,12 +160,22 @@ class RunDir:
     return {'step': int(step), 'model': m.name, 'num_classes': int(m.num_classes),
             'param_shapes': _shapes(params)}
 
+  def _finish_pending_save(self) -> None:
+    """Waits for the checkpoint orbax is writing in the background; a storage fault ends in one line."""
+    step, self._pending_step = self._pending_step, None
+    with self._writing(os.path.join(self.checkpoint_dir, str(step)), f'writing the checkpoint of step {step}'):
+      self.manager.wait_until_finished()
+
   def save(self, step: int, state) -> None:
-    """Saves a replicated (device) state; raises if orbax declines the step (a newer one exists)."""
+    """Saves a replicated (device) state; raises if orbax declines the step (a newer one exists), and a
+    `console.StorageFault` when the storage refuses this or the previous (background) write."""
     host = to_host(state)
     tree = {k: getattr(host, k) for k in STATE_FIELDS}
-    saved = self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(self._meta(step, host.params))))
+    self._finish_pending_save()
+    with self._writing(os.path.join(self.checkpoint_dir, str(step)), f'writing the checkpoint of step {step}'):
+      saved = self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(self._meta(step, host.params))))
+    self._pending_step = step
     if not saved:
       raise RuntimeError(
           f'orbax did not save step {step} in {self.checkpoint_dir}: it already holds step '
@@ -150,7 +198,8 @@ class RunDir:
     if problems:
       raise IncompatibleCheckpointError(
           f'The checkpoint in {where} is incompatible with this config: ' + '; '.join(problems)
-          + '. Use another --workdir, or fix the config.')
+          + ". Use another --workdir, or drop the overrides that change the model (the run's own settings "
+          'are in its config.json).')
 
   @staticmethod
   def _check_layout(found, target, where: str) -> None:
@@ -161,7 +210,8 @@ class RunDir:
       raise IncompatibleCheckpointError(
           f'The checkpoint in {where} is incompatible with this config: {len(diff)} state arrays with other '
           'names/shapes, e.g. ' + ', '.join(f'{k}: {got.get(k)} vs {want.get(k)}' for k in diff[:5])
-          + '. Use another --workdir, or fix the config.')
+          + ". Use another --workdir, or drop the overrides that change the model (the run's own settings "
+          'are in its config.json).')
 
   def _step_path(self, step: int) -> epath.Path:
     return ocp.step.standard_name_format().find_step(epath.Path(self.checkpoint_dir), step).path
@@ -209,12 +259,12 @@ class RunDir:
       except Exception as e:  # pylint: disable=broad-except
         damaged.append((step, path, e))
         logging.warning('Checkpoint step %d at %s is damaged and cannot be restored (%s); trying an older '
-                        'one. It is kept.', step, path, _describe(e))
+                        'one. It is kept.', step, path, console.error_summary(e))
     step = self._agree(step if restored is not None else -2, 'step to restore')
     if restored is None:
       raise CheckpointRestoreError(
           f'None of the {len(steps)} checkpoints in {self.checkpoint_dir} can be restored: '
-          + '; '.join(f'step {s} at {p}: {_describe(e)}' for s, p, e in damaged)
+          + '; '.join(f'step {s} at {p}: {console.error_summary(e)}' for s, p, e in damaged)
           + '. They are left as they are. Repair or move them, or use another --workdir.')
     if damaged:
       self._set_aside(damaged, step)
@@ -229,7 +279,8 @@ class RunDir:
     if self.is_writer:
       for step, path, _ in damaged:
         aside = path.parent / f'{path.name}.damaged-{stamp}'
-        path.rename(aside)
+        with self._writing(str(path), 'moving a damaged checkpoint aside'):
+          path.rename(aside)
         logging.warning('Moved the damaged checkpoint of step %d aside to %s (not deleted); restored step %d '
                         'instead.', step, aside, restored_step)
     if jax.process_count() > 1:
@@ -239,8 +290,9 @@ class RunDir:
 
   def init_params(self, path: str, template_params):
     """The weights at `path` (a run's workdir or checkpoint folder: its EMA params; any weights file)
-    fitted into `template_params`, this run's freshly initialised params; see `load_init_params`."""
-    return load_init_params(path, template_params)
+    fitted into `template_params`, this run's freshly initialised params; see
+    `nfnets.init_weights.load_init_params`."""
+    return init_weights.load_init_params(path, template_params)
 
   # ------------------------------------------------------------ logs
   def _drop_metrics_after(self, step: int) -> None:
@@ -267,11 +319,16 @@ class RunDir:
           kept.append(line if line.endswith('\n') else line + '\n')
     if stale or unreadable:
       tmp = f'{path}.tmp-{os.getpid()}'
-      with open(tmp, 'w') as f:
-        f.writelines(kept)
-        f.flush()
-        os.fsync(f.fileno())
-      os.replace(tmp, path)
+      with self._writing(path, 'dropping the metrics of the steps trained again'):
+        try:
+          with open(tmp, 'w') as f:
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+          os.replace(tmp, path)
+        finally:
+          with contextlib.suppress(OSError):
+            os.remove(tmp)   # only left when the write failed: metrics.jsonl is then as it was
     logging.info('metrics.jsonl: dropped %d records of steps after %d (trained again after the resume)%s; '
                  '%d kept. TensorBoard event files keep their old points.', stale, step,
                  f' and {unreadable} unreadable lines' if unreadable else '', len(kept))
@@ -279,19 +336,21 @@ class RunDir:
   def _write(self, record: dict) -> None:
     if not self.is_writer:
       return
-    if self._metrics_file is None:
-      self._metrics_file = open(os.path.join(self.workdir, 'metrics.jsonl'), 'a')
-    self._metrics_file.write(json.dumps(record) + '\n')
-    self._metrics_file.flush()
-    if self._tb is None:
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      self._tb = tf.summary.create_file_writer(os.path.join(self.workdir, 'tensorboard'))
-    with self._tb.as_default(step=record['step']):
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      for k, v in record.items():
-        if k not in ('step', 'kind') and isinstance(v, (int, float)):
-          tf.summary.scalar(f"{record['kind']}/{k}", v)
-    self._tb.flush()
+    path = os.path.join(self.workdir, 'metrics.jsonl')
+    with self._writing(path, 'logging the metrics'):
+      if self._metrics_file is None:
+        self._metrics_file = open(path, 'a')
+      self._metrics_file.write(json.dumps(record) + '\n')
+      self._metrics_file.flush()
+      if self._tb is None:
+        import tensorflow as tf  # pylint: disable=g-import-not-at-top
+        self._tb = tf.summary.create_file_writer(os.path.join(self.workdir, 'tensorboard'))
+      with self._tb.as_default(step=record['step']):
+        import tensorflow as tf  # pylint: disable=g-import-not-at-top
+        for k, v in record.items():
+          if k not in ('step', 'kind') and isinstance(v, (int, float)):
+            tf.summary.scalar(f"{record['kind']}/{k}", v)
+      self._tb.flush()
 
   def log_train(self, step: int, metrics: dict, eta_s: float) -> None:
     self._write({'step': step, 'kind': 'train', **metrics})
@@ -301,68 +360,31 @@ class RunDir:
                    metrics['lr'], metrics['clip_fraction'], metrics['images_per_sec'],
                    _fmt_duration(eta_s))
 
-  def log_eval(self, step: int, metrics: dict) -> None:
-    """Top-5 is left out of the line when the metrics lack it (a dataset of 5 classes or fewer)."""
-    self._write({'step': step, 'kind': 'eval', **metrics})
+  def log_eval(self, step: int, metrics: dict, kind: str = 'eval') -> None:
+    """Logs an eval as records of `kind` (TensorBoard tags `<kind>/top1`, ...): 'eval' for the training
+    run's own evals, `eval_<size>px` for evals at chosen sizes. Top-5 is left out of the line when the
+    metrics lack it (a dataset of 5 classes or fewer)."""
+    self._write({'step': step, 'kind': kind, **metrics})
     if self.is_writer:
       def scores(prefix):
         top5 = f" top5 {100 * metrics[prefix + 'top5']:.2f}%" if prefix + 'top5' in metrics else ''
         return f"top1 {100 * metrics[prefix + 'top1']:.2f}%{top5} loss {metrics[prefix + 'loss']:.4f}"
-      logging.info('eval at step %d on %d examples | %s | EMA %s', step, metrics['num_examples'],
+      logging.info('%s at step %d on %d examples | %s | EMA %s', kind, step, metrics['num_examples'],
                    scores(''), scores('ema_'))
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    if self._metrics_file is not None:
-      self._metrics_file.close()
-      self._metrics_file = None
-    if self._tb is not None:
-      self._tb.close()
-      self._tb = None
-
-
-def _read_ema_params(ckpt_dir: str):
-  """The EMA params of the newest checkpoint in `ckpt_dir` that can be read (damaged ones are skipped with
-  a warning)."""
-  with ocp.CheckpointManager(ckpt_dir, item_names=ITEMS,
-                             options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
-    steps = sorted(manager.all_steps(), reverse=True)
-  if not steps:
-    raise FileNotFoundError(f'No checkpoint found in {ckpt_dir}')
-  errors = []
-  for step in steps:
-    path = ocp.step.standard_name_format().find_step(epath.Path(ckpt_dir), step).path
-    handler = ocp.StandardCheckpointHandler()
+    """Finishes the background checkpoint write and closes the logs. After a storage fault (already
+    reported) it only releases them: the unfinished checkpoint stays unfinished, never taken for whole."""
+    reported = self._faulted
     try:
-      state = handler.restore(path / 'state')
-    except Exception as e:  # pylint: disable=broad-except
-      errors.append(f'step {step} at {path}: {_describe(e)}')
-      logging.warning('Checkpoint step %d at %s is damaged (%s); trying an older one.', step, path,
-                      _describe(e))
-      continue
+      if self._pending_step is not None:
+        self._finish_pending_save()
+    except console.StorageFault:
+      if not reported:   # else the fault that stopped the run, reported already
+        raise
     finally:
-      handler.close()
-    logging.info('Initialising from the EMA params of %s at step %d', ckpt_dir, step)
-    return jax.tree.map(np.asarray, state['ema_params'])
-  raise CheckpointRestoreError(f'No checkpoint in {ckpt_dir} can be read: ' + '; '.join(errors))
-
-
-def read_weights(path: str):
-  """Params from a run's workdir or checkpoint folder (its EMA params), DeepMind released weights
-  (pickle), our flat .npz, or a timm state dict (.safetensors / .pth)."""
-  from nfnets import weights  # pylint: disable=g-import-not-at-top
-  if os.path.isdir(path):
-    path = os.path.abspath(path)  # orbax refuses relative checkpoint paths
-    ckpt_dir = os.path.join(path, 'checkpoints') if os.path.isdir(os.path.join(path, 'checkpoints')) else path
-    return _read_ema_params(ckpt_dir)
-  return weights.read(path)
-
-
-def load_init_params(path: str, template):
-  """Weights from `path` placed into `template` (this run's freshly initialised params).
-
-  Every param must match by name and shape, except the classifier (`linear` outside squeeze-excite),
-  which keeps its fresh init when its shape differs: that is fine-tuning to a new class count.
-  """
-  from nfnets import weights  # pylint: disable=g-import-not-at-top
-  return weights.fit_to_template(read_weights(path), template, source=path)
+      for writer in (self._metrics_file, self._tb):
+        if writer is not None:
+          with contextlib.suppress(Exception) if self._faulted else contextlib.nullcontext():
+            writer.close()
+      self._metrics_file = self._tb = None

@@ -20,7 +20,7 @@ from nfnets.train_state import TrainState
 
 
 class NonFiniteLossError(RuntimeError):
-  pass
+  """The loss or gradient became NaN/Inf; train.py reports it in one line and exits with status 3."""
 
 
 class Trainer:
@@ -43,6 +43,10 @@ class Trainer:
       return self.xp.put_state(host)
     if self.config.init_from:
       return self._state_from(self.config.init_from)
+    if self.config.get('finetune'):
+      logging.warning('init_from is empty: this fine-tuning run starts from a random init, not from '
+                      "pretrained weights. Set --config.init_from to a run's workdir (e.g. runs/demo) or a "
+                      'weights file (F0_haiku.npz, a flat .npz, a timm .safetensors).')
     return self.xp.init_state()
 
   def _state_from(self, path: str) -> TrainState:
@@ -116,7 +120,12 @@ class Trainer:
 
   def evaluate_checkpoint(self, image_sizes: Sequence[int] = ()) -> List[Dict[str, float]]:
     """Evaluates the workdir's newest intact checkpoint (or `init_from` weights when it has none) at each
-    of `image_sizes` (default: the config's eval size); one metrics dict (and metrics.jsonl record) each."""
+    of `image_sizes` (default: the config's eval size); one metrics dict each.
+
+    Each size is logged as its own series, `eval_<size>px` (metrics.jsonl records of that kind,
+    TensorBoard tags `eval_<size>px/top1`, ...): the training run's `eval` series, one point per eval
+    step, stays as training wrote it.
+    """
     host = self.io.restore(self.xp.state_template())
     if host is not None:
       state = self.xp.put_state(host)
@@ -130,6 +139,6 @@ class Trainer:
     results = []
     for size in image_sizes or [None]:
       results.append(self.xp.evaluate(state, size))
-      self.io.log_eval(step, results[-1])
+      self.io.log_eval(step, results[-1], kind=f"eval_{results[-1]['image_size']}px")
     self.io.close()
     return results

@@ -1,6 +1,7 @@
 """Signal-propagation plots (Brock et al. 2021a): per-block activation statistics of a model at init.
 
     python -m research.spp --model=F0 --out=docs/spp_f0.png [--input=gaussian|digits]
+    python -m research.spp --config=configs/agc_study.py --out=runs/spp_agc_study.png   # a config's model
 
 For each residual block, measured at the block's output over a batch: the average channel squared mean,
 the average channel variance, and the variance of the residual branch (before alpha * skip_gain). Two
@@ -16,8 +17,7 @@ NFNet transition block, whose shortcut average-pools 2x2, passes less variance t
 to zero mean and unit variance per channel over the batch.
 """
 import os
-import sys
-from typing import Dict, Optional, Sequence
+from typing import Dict, Mapping, Optional, Sequence, Union
 
 from absl import app
 from absl import flags
@@ -33,10 +33,19 @@ METRICS = ('avg_sq_mean', 'avg_var', 'res_avg_var')
 INPUTS = ('gaussian', 'digits')
 
 
-def block_plan(name: str, **overrides):
-  """Every block's plan (stage, beta, expected output variance, ...) of a registry model with constructor
-  overrides: the plan the model itself is built from (`nfnets.registry.model_plan`)."""
-  return registry.model_plan(name, **overrides).blocks
+def model_config(model: Union[str, Mapping], num_classes: Optional[int] = None) -> Mapping:
+  """A config's `model` block (what `nfnets.registry.model_from_config` reads) for a registry name or a
+  model block; `num_classes` replaces the block's."""
+  block = {'name': model} if isinstance(model, str) else dict(model)
+  if num_classes is not None:
+    block['num_classes'] = num_classes
+  return block
+
+
+def block_plan(model: Union[str, Mapping], **overrides):
+  """Every block's plan (stage, beta, expected output variance, ...) of a registry name or a config's model
+  block, with constructor overrides: the plan the model itself is built from."""
+  return registry.plan_from_config(model_config(model), **overrides).blocks
 
 
 def transitions(blocks) -> np.ndarray:
@@ -76,9 +85,10 @@ def _set_skip_gains(params, value: float):
       lambda m, n, p: jnp.full_like(p, value) if n == 'skip_gain' else p, params)
 
 
-def measure(name: str, images: jax.Array, skip_gains: Sequence[Optional[float]] = (None, 1.0),
-            seed: int = 0, num_classes: int = 1000, **overrides) -> Dict[str, Dict[str, np.ndarray]]:
-  """Per-block SPP statistics of registry model `name` at init, in eval mode (no stochastic depth).
+def measure(model: Union[str, Mapping], images: jax.Array, skip_gains: Sequence[Optional[float]] = (None, 1.0),
+            seed: int = 0, num_classes: Optional[int] = None, **overrides) -> Dict[str, Dict[str, np.ndarray]]:
+  """Per-block SPP statistics at init, in eval mode (no stochastic depth), of a registry name or a config's
+  model block (`config.model`: its width, depths, skip_gain_init, ... are honoured).
 
   Args:
     images: an NHWC float batch (see `make_images`).
@@ -88,10 +98,11 @@ def measure(name: str, images: jax.Array, skip_gains: Sequence[Optional[float]] 
   Returns:
     {state label: {'avg_sq_mean', 'avg_var', 'res_avg_var': [num_blocks] arrays}}.
   """
-  nfnets.get_spec(name)  # a clear error for an unknown name
+  block = model_config(model, num_classes)
+  nfnets.get_spec(block['name'])  # a clear error for an unknown name
   if images.ndim != 4:
     raise ValueError(f'images must be NHWC, got shape {images.shape}')
-  f = hk.transform(lambda x: nfnets.create_model(name, num_classes, **overrides)(
+  f = hk.transform(lambda x: registry.model_from_config(block, **overrides)(
       x, is_training=False, return_metrics=True))
   params = jax.jit(f.init)(jax.random.PRNGKey(seed), images)
   apply = jax.jit(f.apply)
@@ -140,13 +151,14 @@ def plot(path: str, results: Dict[str, Dict[str, np.ndarray]], blocks, title: st
   return drawn
 
 
-def spp(name: str, out: str, input_kind: str = 'gaussian', batch: int = 8,
+def spp(model: Union[str, Mapping], out: str, input_kind: str = 'gaussian', batch: int = 8,
         resolution: Optional[int] = None, seed: int = 0, **overrides) -> Dict[str, Dict[str, np.ndarray]]:
-  """Measures registry model `name` at init on `input_kind` and writes the plot to `out`."""
+  """Measures a registry name or a config's model block at init on `input_kind`; writes the plot to `out`."""
+  name = model_config(model)['name']
   resolution = resolution or nfnets.get_spec(name).train_size
   images = make_images(input_kind, batch, resolution, seed)
-  results = measure(name, images, seed=seed, **overrides)
-  blocks = block_plan(name, **overrides)
+  results = measure(model, images, seed=seed, **overrides)
+  blocks = block_plan(model, **overrides)
   plot(out, results, blocks,
        title=f'{name} at init, {input_kind} input, batch {batch} at {resolution} px (α={blocks[0].alpha:g})')
   return results
@@ -154,9 +166,13 @@ def spp(name: str, out: str, input_kind: str = 'gaussian', batch: int = 8,
 
 def define_flags():
   """The command-line flags (defined only when run as a program, so imports do not clash)."""
-  global _MODEL, _OUT, _INPUT, _BATCH, _RES, _SEED
+  from configs import base  # pylint: disable=g-import-not-at-top
+  from nfnets import run_config  # pylint: disable=g-import-not-at-top
+  global _MODEL, _CONFIG, _OUT, _INPUT, _BATCH, _RES, _SEED
   _MODEL = flags.DEFINE_string('model', 'F0', 'Registry model name: F0..F7(+), nf_resnet50, nfnet_tiny, ...')
-  _OUT = flags.DEFINE_string('out', 'spp.png', 'Output PNG.')
+  _CONFIG = run_config.define_config_flag(base.get_config, "A config (recipe .py or a run's config.json) "
+                                          'whose model to plot, width and depths included; replaces --model.')
+  _OUT = flags.DEFINE_string('out', os.path.join('runs', 'spp.png'), 'Output PNG.')
   _INPUT = flags.DEFINE_enum('input', 'gaussian', list(INPUTS), 'Input batch: i.i.d. Gaussian or digits.')
   _BATCH = flags.DEFINE_integer('batch', 8, 'Batch size of the input.')
   _RES = flags.DEFINE_integer('resolution', None, "Image size (default: the model's train size).")
@@ -166,11 +182,9 @@ def define_flags():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  try:
-    results = spp(_MODEL.value, _OUT.value, _INPUT.value, _BATCH.value, _RES.value, _SEED.value)
-  except ValueError as e:
-    print(f'spp: error: {e}', file=sys.stderr)
-    return 2
+  model = _CONFIG.value.model if _CONFIG.value is not None else _MODEL.value
+  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+  results = spp(model, _OUT.value, _INPUT.value, _BATCH.value, _RES.value, _SEED.value)
   np.set_printoptions(precision=3, suppress=True, linewidth=150)
   for label, m in results.items():
     print(label)
@@ -180,6 +194,13 @@ def main(argv):
   return 0
 
 
+def parse_flags(argv):
+  from configs import base  # pylint: disable=g-import-not-at-top
+  from nfnets import run_config  # pylint: disable=g-import-not-at-top
+  return run_config.parse_flags(argv, base.get_config, require_config=False)
+
+
 if __name__ == '__main__':
+  from nfnets import console  # pylint: disable=g-import-not-at-top
   define_flags()
-  app.run(main)
+  console.run(main, (ValueError,), flags_parser=parse_flags, tensorflow=False)

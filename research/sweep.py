@@ -7,6 +7,7 @@
 Each grid point trains in <workdir>/<field=value,...>/ as its own train.py process. Rerunning the same
 command skips finished runs (and failed ones, unless --retry_failed). The sweep ends by writing
 summary.csv, summary.md and summary.png (final top-1 vs lambda, one line per batch size) in the workdir.
+While runs train, each one's newest step is logged every 30 s (its own console goes to its stderr.log).
 With --print_commands it prints one shell line per unfinished run, for a cluster scheduler, and exits;
 --summary_only then collects their results.
 """
@@ -15,6 +16,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 
 from nfnets import console
 
@@ -58,11 +60,8 @@ _FIXED = {}
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  try:
-    axes = [sweep_grid.parse_sweep_flag(s) for s in _SWEEP.value]
-    runs = sweep_grid.make_runs(_CONFIG.value, _WORKDIR.value, sweep_grid.grid(*axes), fixed=_FIXED)
-  except sweep_grid.SweepError as e:
-    return console.user_error(e)
+  axes = [sweep_grid.parse_sweep_flag(s) for s in _SWEEP.value]
+  runs = sweep_grid.make_runs(_CONFIG.value, _WORKDIR.value, sweep_grid.grid(*axes), fixed=_FIXED)
   if _PRINT.value:
     for run in runs:
       state = sweep_runs.run_state(run)
@@ -72,7 +71,8 @@ def main(argv):
         print(sweep_runs.shell_command(run, _CONFIG.value))
     return 0
   if not _SUMMARY_ONLY.value:
-    print(f'[sweep] {len(runs)} runs in {_WORKDIR.value}, {_PARALLEL.value} at a time')
+    logging.info('[sweep] %d runs in %s, %d at a time; each run logs to its stderr.log', len(runs),
+                 _WORKDIR.value, _PARALLEL.value)
     sweep_runs.run_sweep(runs, _CONFIG.value, parallel=_PARALLEL.value, retry_failed=_RETRY.value)
   rows = sweep_summary.write_summary(_WORKDIR.value, runs, x=_PLOT_X.value, series=_PLOT_SERIES.value,
                              metric=_METRIC.value)
@@ -81,6 +81,12 @@ def main(argv):
   return 0 if all(r['status'] == 'done' for r in rows) else 1
 
 
+def cli():
+  """The `nfnets-sweep` command (pyproject.toml); `python -m research.sweep` runs the same."""
+  global _FIXED
+  argv, _FIXED = split_overrides(sys.argv)
+  console.run(main, (sweep_grid.SweepError,), argv=argv, tensorflow=False)
+
+
 if __name__ == '__main__':
-  _argv, _FIXED = split_overrides(sys.argv)
-  app.run(main, argv=_argv)
+  cli()

@@ -20,10 +20,10 @@ import sys
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 from absl import flags
-from ml_collections import config_flags
 
 from nfnets import config_validation
 from nfnets import data
+from nfnets import run_config
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -118,7 +118,8 @@ def flag_args(config_path: str, overrides: Mapping[str, str]) -> List[str]:
 
 
 def resolve_config(config_path: str, overrides: Mapping[str, str] = None):
-  """The config train.py would see for these overrides, parsed by the same ml_collections flag machinery.
+  """The config train.py would see for these overrides, parsed by the same flag machinery
+  (`nfnets.run_config`: a recipe .py or a run's saved config.json).
 
   Raises SweepError naming the field when a field does not exist or a value does not parse.
   """
@@ -143,10 +144,10 @@ def resolve_config(config_path: str, overrides: Mapping[str, str] = None):
 
 def _parse_config(config_path: str, overrides: Mapping[str, str]):
   """Parses `--config=... --config.k=v ...` exactly as train.py's flag does (lock_config=True)."""
+  from configs import base  # pylint: disable=g-import-not-at-top  (after REPO_ROOT is on sys.path)
   argv = ['train.py'] + flag_args(config_path, overrides)
   fv = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', None, 'config', flag_values=fv, lock_config=True,
-                                  sys_argv=argv)
+  run_config.define_config_flag(base.get_config, 'config', flag_values=fv, sys_argv=argv)
   fv(argv)
   return fv['config'].value
 

@@ -15,6 +15,9 @@ import threading
 import time
 from typing import Dict, List, Optional, Sequence
 
+from absl import logging
+
+from nfnets import console
 from research.sweep_grid import REPO_ROOT, Run, SweepError, flag_args
 
 TRAIN_SCRIPT = os.path.join(REPO_ROOT, 'train.py')
@@ -22,8 +25,9 @@ DONE_MARKER = 'DONE'            # written after train.py exits 0
 FAILED_MARKER = 'FAILED.json'   # {returncode, status, stderr_tail, wall_s}, written after a non-zero exit
 STDOUT_LOG, STDERR_LOG = 'stdout.log', 'stderr.log'
 STDERR_TAIL_LINES = 8
-# Markers of train.py's NaN guard (nfnets.trainer.NonFiniteLossError) in a failed run's stderr.
-_DIVERGED_PATTERNS = ('NonFiniteLossError', 'became NaN/Inf')
+PROGRESS_EVERY_S = 30.0         # how often the sweep logs each running run's newest step
+# train.py's NaN guard (nfnets.trainer.NonFiniteLossError): its exit status and its one `error:` line.
+_DIVERGED_PATTERNS = ('became NaN/Inf',)
 
 
 @dataclasses.dataclass
@@ -48,6 +52,26 @@ def read_metrics(run_workdir: str) -> List[dict]:
         except json.JSONDecodeError:
           continue
   return records
+
+
+def progress(run: Run) -> Optional[str]:
+  """'step S/N | loss L | top1 T%' from the run's newest train record, or None before its first log."""
+  path = os.path.join(run.workdir, 'metrics.jsonl')
+  try:
+    with open(path, 'rb') as f:
+      f.seek(max(0, os.path.getsize(path) - 4096))   # the newest records are at the end
+      lines = f.read().decode(errors='replace').splitlines()
+  except OSError:
+    return None
+  for line in reversed(lines):
+    try:
+      record = json.loads(line)
+    except ValueError:
+      continue
+    if record.get('kind') == 'train':
+      return (f"step {record['step']}/{run.training_steps} | loss {record.get('loss', float('nan')):.4f} | "
+              f"top1 {100 * record.get('top1', float('nan')):.2f}%")
+  return None
 
 
 def _final_eval(records: Sequence[dict], training_steps: int) -> Optional[dict]:
@@ -100,7 +124,8 @@ def _finish(run: Run, returncode: int, wall_s: float) -> RunResult:
       f.write(f'{time.strftime("%Y-%m-%d %H:%M:%S")} wall_s={wall_s:.1f}\n')
     return RunResult(run, 'done', 0, wall_s)
   tail = _tail(os.path.join(run.workdir, STDERR_LOG))
-  status = 'diverged' if any(p in tail for p in _DIVERGED_PATTERNS) else 'failed'
+  diverged = returncode == console.DIVERGED_EXIT and any(p in tail for p in _DIVERGED_PATTERNS)
+  status = 'diverged' if diverged else 'failed'
   with open(os.path.join(run.workdir, FAILED_MARKER), 'w') as f:
     json.dump({'status': status, 'returncode': returncode, 'wall_s': wall_s, 'stderr_tail': tail}, f,
               indent=2)
@@ -109,8 +134,10 @@ def _finish(run: Run, returncode: int, wall_s: float) -> RunResult:
 
 def run_sweep(runs: Sequence[Run], config_path: str, parallel: int = 1, retry_failed: bool = False,
               python: str = sys.executable, train_script: str = TRAIN_SCRIPT, env: Optional[dict] = None,
-              log=print) -> List[RunResult]:
+              log=logging.info, progress_every_s: float = PROGRESS_EVERY_S) -> List[RunResult]:
   """Runs every unfinished run as a train.py subprocess, `parallel` at a time; returns one result per run.
+  `log` gets one line per start, end and skip, and each running run's progress (its newest logged step) at
+  most every `progress_every_s` seconds.
 
   Finished runs are skipped. Runs that failed before (FAILED marker) are skipped too, unless
   `retry_failed`: a NaN divergence is a result of the sweep, not an accident to retry forever.
@@ -130,6 +157,7 @@ def run_sweep(runs: Sequence[Run], config_path: str, parallel: int = 1, retry_fa
       todo.append(run)
   env = dict(os.environ if env is None else env)
   active = {}  # name -> (Popen, run, start, files)
+  shown = {}   # name -> (time of the last progress check, the last progress line logged)
   total, started = len(todo), 0
 
   def start(run: Run):
@@ -145,6 +173,7 @@ def run_sweep(runs: Sequence[Run], config_path: str, parallel: int = 1, retry_fa
     started += 1
     active[run.name] = (proc, run, time.time(), (out, err))
     log(f'[sweep] start {started}/{total} {run.name}')
+    shown[run.name] = (time.time(), None)
 
   def on_sigterm(signum, frame):
     raise KeyboardInterrupt(f'signal {signum}')
@@ -160,6 +189,12 @@ def run_sweep(runs: Sequence[Run], config_path: str, parallel: int = 1, retry_fa
       for name, (proc, run, t0, files) in list(active.items()):
         rc = proc.poll()
         if rc is None:
+          last_time, last_line = shown[name]
+          if time.time() - last_time >= progress_every_s:
+            line = progress(run)
+            if line and line != last_line:
+              log(f'[sweep] {name}: {line}')
+            shown[name] = (time.time(), line or last_line)
           continue
         for f in files:
           f.close()

@@ -57,7 +57,7 @@ BAD = [  # (field, bad value, part of the requirement)
     ('grad_accum_steps', 0, '>= 1'),
     ('training_steps', 0, '>= 1'),
     ('training_steps', -5, '>= 1'),
-    ('epochs', 0, '> 0'),
+    ('epochs', 0.0, '> 0'),
     ('seed', -1, '>= 0'),
     ('label_smoothing', 1.0, '[0, 1)'),
     ('ema_decay', 1.5, '[0, 1]'),
@@ -153,8 +153,8 @@ def test_training_length_needs_epochs_or_steps():
   assert found == ['epochs=None with training_steps=None: set one of them (epochs decides when '
                    'training_steps is None)']
   # 1 epoch of 1437 digits at batch 2048 is 0 steps.
-  found = problems([('training_steps', None), ('epochs', 1), ('batch_size', 2048)])
-  assert len(found) == 1 and found[0].startswith('epochs=1 of 1437 examples at batch_size=2048 is 0 steps')
+  found = problems([('training_steps', None), ('epochs', 1.0), ('batch_size', 2048)])
+  assert len(found) == 1 and found[0].startswith('epochs=1.0 of 1437 examples at batch_size=2048 is 0 steps')
 
 
 def test_folder_data_dir_must_exist_and_hold_class_folders(tmp_path):
@@ -227,7 +227,9 @@ def test_console_filter_drops_third_party_info_and_keeps_project_lines(tmp_path)
   for path, text in ((project, 'project'), (vendor, 'orbax')):
     os.makedirs(path.parent)
     path.write_text('from absl import logging\n\ndef log():\n'
-                    f'  logging.info("{text} info")\n  logging.warning("{text} warning")\n')
+                    f'  logging.info("{text} info")\n  logging.warning("{text} warning")\n'
+                    f'  logging.error("{text} failed: No space left on device [os_error_code=\'28\']")\n'
+                    f'  logging.error("{text} error")\n')
   seen = []
   handler = std_logging.Handler()
   handler.emit = lambda record: seen.append(record.getMessage())
@@ -244,7 +246,9 @@ def test_console_filter_drops_third_party_info_and_keeps_project_lines(tmp_path)
   finally:
     logger.removeHandler(handler)
     absl_logging.set_verbosity(old_level)
-  assert seen == ['project info', 'project warning', 'orbax warning']
+  # A third party's report of a storage fault is left to the command's one `error:` line (console.run).
+  assert seen == ['project info', 'project warning', "project failed: No space left on device "
+                  "[os_error_code='28']", 'project error', 'orbax warning', 'orbax error']
 
 
 # -------------------------------------------------------------------------------- train.py subprocesses

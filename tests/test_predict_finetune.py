@@ -1,5 +1,6 @@
 """predict.py on generated images, and fine-tuning from a checkpoint with another class count."""
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -98,8 +99,8 @@ def test_predict_bad_inputs(tiny_weights, images, tmp_path):
   missing = str(tmp_path / 'nope.jpg')
   with pytest.raises(predict.ImageError) as err:
     predict.predict(p, [paths[0], missing, corrupt])
-  assert '2 of 3 images' in str(err.value) and 'nope.jpg: no such file' in str(err.value)
-  assert 'corrupt.png: not a readable image (78 bytes; Invalid PNG' in str(err.value)
+  assert len(err.value.problems) == 2 and err.value.problems[0] == f'{missing}: no such file'
+  assert err.value.problems[1].startswith(f'{corrupt}: not a readable image (78 bytes; Invalid PNG')
   kept = predict.predict(p, [missing, paths[0], corrupt], skip_bad=True)
   assert [r['image'] for r in kept] == [paths[0]]
   # Wrong variant / class count, missing, truncated weights.
@@ -133,7 +134,7 @@ def test_predict_cli(tiny_weights, images, tmp_path):
   # A missing image fails before the weights are read, with the file named.
   proc = subprocess.run([sys.executable, '-m', 'tools.predict', f'--weights={tiny_weights}', paths[0], 'missing.png'],
                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 1 and 'missing.png: no such file' in proc.stderr and not proc.stdout
+  assert proc.returncode == 2 and proc.stderr.strip() == 'error: missing.png: no such file' and not proc.stdout
 
 
 # ---------------------------------------------------------------------------------------------------- fine-tune
@@ -222,6 +223,16 @@ def test_finetune_from_checkpoint_with_other_class_count(source_run, tmp_path):
     assert json.load(f)['init_from'] == src
 
 
+def test_finetune_without_init_from_warns(tmp_path, caplog):
+  cfg = small_config(10, finetune=True)
+  xp = xp_of(cfg)
+  xp.init_state = lambda: 'random init'   # what would be trained; not compiled here
+  with caplog.at_level(logging.WARNING):
+    assert trainer_lib.Trainer(xp, str(tmp_path)).restore_or_init() == 'random init'
+  assert 'init_from is empty: this fine-tuning run starts from a random init' in caplog.text
+  assert '--config.init_from' in caplog.text
+
+
 def test_finetune_bad_init_from_writes_nothing(source_run, tmp_path):
   src, src_ema = source_run
   cases = {}
@@ -246,15 +257,25 @@ def test_finetune_bad_init_from_writes_nothing(source_run, tmp_path):
     _assert_nothing_written(workdir)
 
 
-def test_finetune_config():
+def test_finetune_config_follows_the_data():
+  """The paper's run on ImageNet (15k steps of 2048, 5k warmup), the same epochs on any other split, and a
+  batch no larger than the split."""
+  from nfnets import config_validation as cv  # pylint: disable=g-import-not-at-top
+  from nfnets.data.info import IMAGENET_TRAIN_EXAMPLES  # pylint: disable=g-import-not-at-top
   c = finetune.get_config()
-  assert (c.batch_size, c.training_steps, c.optimizer.base_lr, c.optimizer.scale_by_batch) == (2048, 15000, 0.1,
-                                                                                                False)
+  assert c.batch_size == 2048 and c.optimizer.base_lr * c.batch_size / 256 == pytest.approx(0.1)   # peak LR
   assert (c.optimizer.weight_decay, c.model.drop_rate, c.model.stochdepth_rate) == (1e-5, 0.25, 0.1)
-  assert c.optimizer.warmup_epochs * c.transfer.num_train_examples / c.batch_size == pytest.approx(5000)
+  assert c.finetune and c.training_steps is None
+  assert cv.resolve_training_steps(c, IMAGENET_TRAIN_EXAMPLES) == 15_000
+  assert c.optimizer.warmup_epochs * IMAGENET_TRAIN_EXAMPLES / c.batch_size == pytest.approx(5000)
+  assert cv.fit_batch_to_data(c, IMAGENET_TRAIN_EXAMPLES, 1, 8) is None and c.batch_size == 2048
+  # 45 images, 39 to train on: one batch of 36 on 4 devices (a multiple of them), 24 epochs of it.
+  assert cv.fit_batch_to_data(c, 39, 1, 4) == 36 and c.batch_size == 36
+  assert cv.resolve_training_steps(c, 39) == 25   # 39 * 23.98 // 36
   d = finetune.get_config('digits')
-  d.lock()
-  d.batch_size = 64  # the warmup stays transfer.warmup_steps long
-  assert d.optimizer.warmup_epochs * 1437 / 64 == pytest.approx(d.transfer.warmup_steps)
+  assert d.batch_size == 128 and cv.resolve_training_steps(d, 1437) == 269
+  assert cv.fit_batch_to_data(d, 1437, 1, 1) is None
+  t = finetune.get_config('tiny')
+  assert (t.model.name, t.dataset.name, t.dtype, t.dataset.image_size) == ('nfnet_tiny', 'folder', 'float32', 32)
   with pytest.raises(ValueError, match='Unknown config argument'):
     finetune.get_config('flowers')

@@ -17,8 +17,9 @@ from research import sweep_summary
 
 DEMO = os.path.join(sweep_grid.REPO_ROOT, 'configs', 'demo.py')
 
-# Stands in for train.py: logs a final eval whose top1 encodes the run, crashes or "diverges" on request,
-# and counts its invocations.
+# Stands in for train.py where a run's outcome is not the subject: logs a final eval whose top1 encodes the
+# run, crashes on request, and counts its invocations. Divergence is detected on the real train.py
+# (test_sweep_detects_a_real_divergence).
 FAKE_TRAIN = textwrap.dedent('''
     import json, os, sys
     args = dict(a[2:].split('=', 1) for a in sys.argv[1:])
@@ -32,10 +33,6 @@ FAKE_TRAIN = textwrap.dedent('''
     if clip == 0.16:
       print('Traceback (most recent call last):\\nRuntimeError: simulated crash', file=sys.stderr)
       sys.exit(3)
-    if clip == 0.08 and batch == 1024:
-      print('experiment.NonFiniteLossError: Loss or gradient became NaN/Inf at step 7; training stopped.',
-            file=sys.stderr)
-      sys.exit(1)
     with open(os.path.join(wd, 'metrics.jsonl'), 'a') as f:
       f.write(json.dumps({'step': steps, 'kind': 'train', 'loss': 0.5, 'top1': 0.9, 'grad_norm': 2.0,
                           'clip_fraction': 0.1, 'images_per_sec': 100.0}) + '\\n')
@@ -129,7 +126,7 @@ def test_sweep_runs_resumes_and_isolates_failures(tmp_path, fake_train):
       'optimizer.agc.clipping=0.01,batch_size=256': 'done',
       'optimizer.agc.clipping=0.01,batch_size=1024': 'done',
       'optimizer.agc.clipping=0.08,batch_size=256': 'done',
-      'optimizer.agc.clipping=0.08,batch_size=1024': 'diverged',
+      'optimizer.agc.clipping=0.08,batch_size=1024': 'done',
       'optimizer.agc.clipping=0.16,batch_size=256': 'failed',
       'optimizer.agc.clipping=0.16,batch_size=1024': 'failed'}
   crashed = next(r for r in results if r.status == 'failed')
@@ -144,10 +141,9 @@ def test_sweep_runs_resumes_and_isolates_failures(tmp_path, fake_train):
   # A run whose metrics show a final eval counts as done even without the DONE marker (cluster runs).
   os.remove(os.path.join(runs[1].workdir, sweep_runs.DONE_MARKER))
   assert sweep_runs.run_state(runs[1]).status == 'done'
-  # --retry_failed reruns only the failed and diverged ones.
+  # --retry_failed reruns only the failed ones.
   sweep_runs.run_sweep(runs, DEMO, retry_failed=True, train_script=fake_train, log=lambda *_: None)
-  assert sorted(_calls(wd)[7:]) == sorted(r.name for r in runs if 'clipping=0.16' in r.name or
-                                          r.name == 'optimizer.agc.clipping=0.08,batch_size=1024')
+  assert sorted(_calls(wd)[7:]) == sorted(r.name for r in runs if 'clipping=0.16' in r.name)
   # The summary marks the failures and keeps the finished results.
   rows = sweep_summary.write_summary(wd, runs)
   by = {r['run']: r for r in rows}
@@ -156,6 +152,34 @@ def test_sweep_runs_resumes_and_isolates_failures(tmp_path, fake_train):
   assert 'simulated crash' in by['optimizer.agc.clipping=0.16,batch_size=256']['error']
   assert by['optimizer.agc.clipping=0.16,batch_size=256']['top1'] is None
   assert by['optimizer.agc.clipping=0.01,batch_size=1024']['top1'] == pytest.approx(1 - 0.01 - 0.1024)
+
+
+def test_progress_is_the_newest_train_record(tmp_path):
+  (run,) = sweep_grid.make_runs(DEMO, str(tmp_path), [{}], fixed={'training_steps': 40})
+  assert sweep_runs.progress(run) is None   # nothing logged yet
+  _fake_run(run, step=30)                   # 30 train records, then a line cut short
+  assert sweep_runs.progress(run) == 'step 30/40 | loss 0.0333 | top1 50.00%'
+
+
+def test_sweep_detects_a_real_divergence(tmp_path):
+  """The real train.py on weights with an Inf: its NaN guard stops the run at step 0 with one `error:` line
+  and exit status 3, which the sweep records as diverged (not failed), with the step."""
+  from cli_helpers import ENV, TRAIN  # pylint: disable=g-import-not-at-top
+  from nfnets import console, weights  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  params = {m: {n: rng.normal(0, 0.1, shape).astype(np.float32) for n, shape in ps.items()}
+            for m, ps in weights.expected_shapes('nfnet_tiny', 10).items()}
+  params['NFNet/~/stem_conv0']['w'][0, 0, 0, 0] = np.inf
+  weights.export_npz(params, tmp_path / 'inf.npz')
+  fixed = dict(flag[len('--config.'):].split('=', 1) for flag in TRAIN)
+  fixed['init_from'] = str(tmp_path / 'inf.npz')
+  runs = sweep_grid.make_runs(DEMO, str(tmp_path / 'sweep'), [{}], fixed=fixed)
+  (result,) = sweep_runs.run_sweep(runs, DEMO, env=ENV, log=lambda *_: None)
+  assert (result.status, result.returncode) == ('diverged', console.DIVERGED_EXIT), result.stderr_tail
+  assert result.stderr_tail.splitlines()[-1].startswith('error: Loss or gradient became NaN/Inf at step 0;')
+  assert 'Traceback' not in open(os.path.join(runs[0].workdir, sweep_runs.STDERR_LOG)).read()
+  (row,) = sweep_summary.write_summary(str(tmp_path / 'sweep'), runs)
+  assert row['status'] == 'diverged' and 'NaN/Inf at step 0' in row['error']
 
 
 def _fake_run(run, top1=None, step=None, failed=None, nan_step=2):
@@ -172,8 +196,8 @@ def _fake_run(run, top1=None, step=None, failed=None, nan_step=2):
   if failed:
     with open(os.path.join(run.workdir, sweep_runs.FAILED_MARKER), 'w') as f:
       json.dump({'status': failed, 'returncode': 1, 'wall_s': 2.0,
-                 'stderr_tail': 'x\nexperiment.NonFiniteLossError: Loss or gradient became NaN/Inf at step '
-                                f'{nan_step}'}, f)
+                 'stderr_tail': f'x\nerror: Loss or gradient became NaN/Inf at step {nan_step}; training '
+                                'stopped.'}, f)
 
 
 def test_summary_aggregates_fake_run_dirs(tmp_path):

@@ -16,6 +16,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import demo  # pylint: disable=g-import-not-at-top,wrong-import-position
+from nfnets import init_weights  # pylint: disable=g-import-not-at-top,wrong-import-position
 from nfnets import run_dir  # pylint: disable=g-import-not-at-top,wrong-import-position
 from nfnets.train_state import TrainState  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -221,7 +222,7 @@ def test_weights_of_a_workdir_are_the_newest_readable_ema_params(workdir, caplog
   damage(workdir, 6, 'state_array_data')
   with caplog.at_level(logging.WARNING):
     for path in (workdir, os.path.join(workdir, 'checkpoints')):
-      assert_same(run_dir.read_weights(path), host_state(4).ema_params)
+      assert_same(init_weights.read_weights(path), host_state(4).ema_params)
   assert any('step 6' in r.getMessage() and 'damaged' in r.getMessage() for r in caplog.records)
   assert os.path.isdir(step_dir(workdir, 6))  # reading weights moves nothing
   rd = run_dir.RunDir(str(os.path.join(workdir, 'other_run')), config())

@@ -1,10 +1,6 @@
-"""tools.linear_probe and tools.export: the ridge probe against scikit-learn, few-shot sampling, the exported
-function against tools.predict (read back by a JAX-only process), and bad inputs."""
+"""tools.linear_probe: the ridge probe against scikit-learn, few-shot sampling, and bad inputs. The commands
+on trained runs (probe, export, predict) are in test_run_tools.py."""
 import os
-import re
-import subprocess
-import sys
-import textwrap
 
 import haiku as hk
 import jax
@@ -12,32 +8,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cli_helpers import error_line, run_tool
 from configs import demo
 from nfnets import registry
-from tools import export as export_tool
 from tools import linear_probe as lp
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Subprocesses: one CPU device (a 6-step train run compiles in half the time of 4 simulated devices) and
-# the tests' persistent compilation cache (conftest.py), so a rerun skips most compiling.
-ENV = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2', XLA_FLAGS='',
-           JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, '.pytest_cache', 'jax_cache'),
-           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.5')
-
-
-def run_tool(*args, cwd=ROOT, python=(sys.executable,)):
-  return subprocess.run([*python, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
 
 
 def assert_user_error(proc, *words):
-  """Exit code 2, no traceback, and one `error: ...` line naming every word."""
-  assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
-  assert 'Traceback' not in proc.stderr, proc.stderr[-2000:]
-  errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
-  assert len(errors) == 1, proc.stderr[-2000:]
+  """Exit code 2, no traceback, one `error: ...` line naming every word and no other console line."""
+  line = error_line(proc, 2)
   for w in words:
-    assert w in errors[0], errors[0]
-  return errors[0]
+    assert w in line, line
+  return line
 
 
 # ---------------------------------------------------------------------------------------------------- probe
@@ -65,10 +47,10 @@ def random_params(seed=0):
 
 
 def extract_all(params, digits):
-  fn = lp.feature_fn('nfnet_tiny', 10)
-  kw = dict(image_size=32, batch_size=256, fn=fn, log=None)
-  train = lp.extract_features(params, 'nfnet_tiny', 10, digits, 'train', **kw)
-  test = lp.extract_features(params, 'nfnet_tiny', 10, digits, 'eval', **kw)
+  model = {'name': 'nfnet_tiny', 'num_classes': 10}
+  kw = dict(image_size=32, batch_size=256, fn=lp.feature_fn(model), log=False)
+  train = lp.extract_features(params, model, digits, 'train', **kw)
+  test = lp.extract_features(params, model, digits, 'eval', **kw)
   return train + test
 
 
@@ -159,116 +141,3 @@ def test_probe_command_user_errors():
                              '--shots=5,0'), '--shots=0', '>= 1')
   assert_user_error(run_tool('-m', 'tools.linear_probe', '--config=configs/demo.py',
                              '--init_from=/nonexistent/run'), '/nonexistent/run')
-
-
-# ---------------------------------------------------------------------------------------------------- end to end
-
-@pytest.fixture(scope='module')
-def workdir(tmp_path_factory):
-  """A short demo run (its EMA params after a few steps)."""
-  w = str(tmp_path_factory.mktemp('run'))
-  proc = run_tool('train.py', '--config=configs/demo.py', f'--workdir={w}', '--config.training_steps=6',
-                  '--config.batch_size=16', '--config.eval_every=0', '--config.checkpoint_every=6',
-                  '--config.log_every=6', '--config.model.conv_impl=xla')
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return w
-
-
-def test_probe_command_on_a_trained_workdir(workdir):
-  proc = run_tool('-m', 'tools.linear_probe', '--config=configs/demo.py', f'--init_from={workdir}',
-                  '--shots=2', '--seeds=2')
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  lines = proc.stdout.strip().splitlines()
-  m = re.fullmatch(r'linear probe top1 (\d\.\d{4})', lines[-1])
-  assert m and 0.3 < float(m.group(1)) <= 1, proc.stdout   # beats chance (0.1) clearly
-  assert any(line.startswith('2-shot top1 ') for line in lines), proc.stdout
-  assert re.search(r"features digits 'train': 1437/1437 images, [\d.]+ images/s", proc.stderr)
-
-
-def digit_crops(n):
-  """Eval-preprocessed (resized, cropped, not normalised) float32 digits test images in 0..255."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from nfnets.data import preprocess, sources  # pylint: disable=g-import-not-at-top
-  images = sources.digits_arrays()['test'][0][:n]
-  return np.stack([preprocess.eval_image(tf.constant(im), encoded=False, image_size=32, resize_pad=0).numpy()
-                   for im in images]).astype(np.float32)
-
-
-READER = textwrap.dedent('''
-    import sys
-    import numpy as np
-    import jax
-    repo, path, images, out = sys.argv[1:]
-    try:
-      import nfnets  # noqa
-      raise SystemExit('nfnets is importable: the reader must not see the repository')
-    except ImportError:
-      pass
-    with open(path, 'rb') as f:
-      exported = jax.export.deserialize(bytearray(f.read()))
-    np.save(out, np.asarray(exported.call(np.load(images))))
-    print(sorted({m.split('.')[0] for m in sys.modules} & {'nfnets', 'tools', 'haiku', 'tensorflow', 'configs'}))
-''')
-
-
-@pytest.fixture(scope='module')
-def exported(workdir, tmp_path_factory):
-  out_dir = tmp_path_factory.mktemp('export')
-  out, sm = str(out_dir / 'demo.jaxexport'), str(out_dir / 'sm')
-  proc = run_tool('-m', 'tools.export', f'--workdir={workdir}', f'--out={out}', f'--savedmodel={sm}')
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return out, sm
-
-
-def test_export_reloads_without_the_repo_and_matches_predict(exported, workdir, tmp_path):
-  import json  # pylint: disable=g-import-not-at-top
-  from nfnets.data import normalize  # pylint: disable=g-import-not-at-top
-  from tools import predict  # pylint: disable=g-import-not-at-top
-  out, _ = exported
-  with open(out + '.json') as f:
-    meta = json.load(f)
-  assert meta['model'] == 'nfnet_tiny' and meta['num_classes'] == 10 and meta['image_size'] == 32
-  assert meta['resize_pad'] == 0 and meta['class_names'] == [str(i) for i in range(10)]
-  assert meta['normalization']['mean_rgb'] == list(normalize.MEAN_RGB)
-  assert meta['normalization']['stddev_rgb'] == list(normalize.STDDEV_RGB)
-  crops = digit_crops(7)   # an odd batch: the batch dimension is symbolic
-  np.save(tmp_path / 'images.npy', crops)
-  (tmp_path / 'reader.py').write_text(READER)
-  # -I: isolated mode (no PYTHONPATH, no script or working folder on sys.path); cwd is outside the repo.
-  proc = run_tool('reader.py', ROOT, out, str(tmp_path / 'images.npy'), str(tmp_path / 'logits.npy'),
-                  cwd=str(tmp_path), python=(sys.executable, '-I'))
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert proc.stdout.strip().splitlines()[-1] == '[]', proc.stdout   # only JAX was imported
-  got = np.load(tmp_path / 'logits.npy')
-  want = predict.Predictor(workdir).logits(crops)   # both normalise inside
-  assert got.shape == want.shape == (7, 10)
-  np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
-
-
-def test_savedmodel_matches_predict(exported, workdir):
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from tools import predict  # pylint: disable=g-import-not-at-top
-  _, sm = exported
-  crops = digit_crops(5)
-  got = tf.saved_model.load(sm).signatures['serving_default'](images=tf.constant(crops))['logits'].numpy()
-  want = predict.Predictor(workdir).logits(crops)
-  np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
-
-
-def test_export_refuses_to_overwrite(exported, workdir):
-  out, sm = exported
-  before = open(out, 'rb').read()
-  assert_user_error(run_tool('-m', 'tools.export', f'--workdir={workdir}', f'--out={out}'),
-                    out, 'exists', '--overwrite')
-  assert_user_error(run_tool('-m', 'tools.export', f'--workdir={workdir}', f'--out={out}.new',
-                             f'--savedmodel={sm}', '--overwrite'), sm, 'exists')
-  assert open(out, 'rb').read() == before and not os.path.exists(out + '.new')
-
-
-def test_export_refuses_weights_that_do_not_fit(workdir, tmp_path):
-  out = str(tmp_path / 'x.jaxexport')
-  assert_user_error(run_tool('-m', 'tools.export', f'--init_from={workdir}', '--num_classes=5', f'--out={out}'),
-                    'do not match', 'num_classes=5')
-  with pytest.raises(export_tool.ExportError, match='--image_size=64 does not fit .* 32 px'):
-    export_tool.run(workdir, out, image_size=64)
-  assert not os.listdir(tmp_path)

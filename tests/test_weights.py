@@ -341,6 +341,6 @@ def test_export_weights_cli(tiny, tmp_path, capsys):
   assert export_weights.main([str(released), str(tmp_path / 'timm.npz'), '--to', 'timm']) == 0
   assert export_weights.main([str(tmp_path / 'timm.npz'), str(tmp_path / 'flat.npz')]) == 0
   assert_trees_equal(weights.load_npz(tmp_path / 'flat.npz'), tiny)
-  assert export_weights.main([str(released), str(tmp_path / 'x.npz'), '--model', 'F0']) == 1
+  assert export_weights.main([str(released), str(tmp_path / 'x.npz'), '--model', 'F0']) == 2
   assert "'F0'" in capsys.readouterr().err
   assert not (tmp_path / 'x.npz').exists()

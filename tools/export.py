@@ -1,10 +1,14 @@
 """Exports an NFNet's inference function with `jax.export`: one file that any JAX program can run.
 
-  python -m tools.export --workdir=runs/demo --out=digits.jaxexport
-  python -m tools.export --init_from=F0_haiku.npz --model=F0 --out=f0.jaxexport --savedmodel=f0_savedmodel
+  python -m tools.export --workdir=runs/demo                       # writes runs/demo/export/model.jaxexport
+  python -m tools.export --init_from=F0_haiku.npz --model=F0 --out=runs/f0.jaxexport --savedmodel=runs/f0_sm
 
 Writes `<out>` (the serialised `jax.export.Exported`, the params baked in as constants) and `<out>.json`
 (model name, num_classes, image_size, resize_pad, the normalisation constants, class names or null).
+Without --out: `<workdir>/export/model.jaxexport`, else `runs/export/<weights name>.jaxexport`.
+
+A run's workdir supplies its config.json: the exported model is the one the config describes
+(`nfnets.registry.model_from_config`, width and depths overrides included), at the run's eval size.
 
 The exported function takes float32 images [B, S, S, 3], RGB in 0..255, already resized and cropped as the
 eval pipeline does (bicubic resize of the whole image to S + resize_pad, centre crop S: the reference code's
@@ -31,14 +35,15 @@ for a 1000-class model, else null.
 
 Refused with `error: ...` and exit code 2 (nothing written): an existing --out or `<out>.json` without
 --overwrite, an existing --savedmodel folder (never overwritten), weights that do not fit --model or
---num_classes, an --image_size other than the eval size recorded in the run's config.json.
+--num_classes, an --image_size other than the eval size recorded in the run's config.json. A full or
+read-only disk: one `error:` line, exit code 74 (`nfnets.console`), no partial file left.
 """
 import json
 import os
 import sys
+from typing import List, Optional
 
 from nfnets import console
-from typing import List, Optional
 
 PLATFORMS = ('cpu', 'cuda', 'tpu')
 
@@ -95,54 +100,28 @@ def check_outputs(out: str, savedmodel: Optional[str], overwrite: bool) -> None:
 
 def load(weights: str, model: Optional[str] = None, num_classes: Optional[int] = None,
          image_size: Optional[int] = None):
-  """`tools.predict.Predictor` for `weights` (model, num_classes, params, image_size, resize_pad), with a
-  one-line ExportError when the weights do not fit --model/--num_classes or the run's resolution."""
-  from nfnets import weights as weights_lib  # pylint: disable=g-import-not-at-top
+  """`tools.predict.Predictor` for `weights` (the model its run's config describes, num_classes, params,
+  image_size, resize_pad), with a one-line ExportError when the weights do not fit --model/--num_classes
+  or the run's resolution."""
+  from nfnets import run_config, weights as weights_lib  # pylint: disable=g-import-not-at-top
   from tools import predict  # pylint: disable=g-import-not-at-top
   if not os.path.exists(weights):
     raise ExportError(f'no such file or folder: {weights}')
-  recorded = predict._run_config(weights).get('dataset', {}).get('eval_image_size')  # pylint: disable=protected-access
-  if image_size is not None and recorded and image_size != recorded:
-    raise ExportError(f'--image_size={image_size} does not fit {weights}: the run evaluates at {recorded} px '
-                      '(config.json dataset.eval_image_size); leave --image_size out')
   try:
-    return predict.Predictor(weights, model, num_classes, image_size=image_size, conv_impl='xla')
+    p = predict.Predictor(weights, model, num_classes, image_size=image_size, conv_impl='xla')
   except weights_lib.WeightsError as e:
     raise ExportError(f'{one_line(e)} (the weights do not fit --model/--num_classes)') from None
+  recorded = p.config.dataset.get('eval_image_size') if p.config is not None else None
+  if image_size is not None and recorded and image_size != recorded:
+    raise ExportError(f'--image_size={image_size} does not fit {weights}: the run evaluates at {recorded} px '
+                      f'({run_config.CONFIG_JSON} dataset.eval_image_size); leave --image_size out')
+  return p
 
 
-def class_names(weights: str, num_classes: int, classes_file: Optional[str] = None) -> Optional[List[str]]:
-  """Names in label order (see the module docstring), or None when unknown."""
-  from tools import predict  # pylint: disable=g-import-not-at-top
-  if classes_file:
-    return predict.read_class_names(classes_file, num_classes)
-  ds = predict._run_config(weights).get('dataset')  # pylint: disable=protected-access
-  names = None
-  if ds:
-    names = _dataset_class_names(ds)
-  elif num_classes == 1000:
-    names = predict.read_class_names(None, 1000)
-  return names if names is not None and len(names) == num_classes else None
-
-
-def _dataset_class_names(ds: dict) -> Optional[List[str]]:
-  from tools import predict  # pylint: disable=g-import-not-at-top
-  name = ds.get('name')
-  try:
-    if name == 'digits':
-      return [str(i) for i in range(10)]
-    if name == 'imagenet2012':
-      return predict.read_class_names(None, 1000)
-    if name == 'folder':
-      from nfnets.data import sources  # pylint: disable=g-import-not-at-top
-      return list(sources.folder_layout(ds['data_dir'], ds['train_split'], ds['eval_split'])[0])
-    if name and name != 'fake':
-      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-      return list(tfds.builder(name, data_dir=ds.get('data_dir')).info.features['label'].names)
-  except Exception as e:  # pylint: disable=broad-except
-    print(f'warning: class names of dataset {name!r} unavailable ({one_line(e)}); writing null',
-          file=sys.stderr)
-  return None
+def class_names(p, classes_file: Optional[str] = None) -> Optional[List[str]]:
+  """Names in label order for a loaded `Predictor` (see the module docstring), or None when unknown."""
+  from nfnets import class_names as names_lib  # pylint: disable=g-import-not-at-top
+  return names_lib.class_names(p.num_classes, classes_file, p.config.dataset if p.config is not None else None)
 
 
 # ---------------------------------------------------------------------------------------------------- export
@@ -153,8 +132,9 @@ def normalisation():
   return tuple(normalize.MEAN_RGB), tuple(normalize.STDDEV_RGB)
 
 
-def inference_fn(model: str, num_classes: int, params):
-  """images float32 [B, S, S, 3] in 0..255 -> float32 logits; normalisation and params inside."""
+def inference_fn(model_config, params):
+  """images float32 [B, S, S, 3] in 0..255 -> float32 logits of the model a config's `model` block
+  describes; normalisation and params inside, XLA's convolution for every platform."""
   import haiku as hk  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -162,7 +142,7 @@ def inference_fn(model: str, num_classes: int, params):
   from nfnets import registry  # pylint: disable=g-import-not-at-top
   from nfnets.data.normalize import normalize  # pylint: disable=g-import-not-at-top
   net = hk.without_apply_rng(hk.transform(
-      lambda x: registry.create_model(model, num_classes, conv_impl='xla')(x, is_training=False)))
+      lambda x: registry.model_from_config(model_config, conv_impl='xla')(x, is_training=False)))
   consts = jax.tree.map(np.asarray, params)
 
   def fn(images):
@@ -187,6 +167,7 @@ def metadata(p, names, platforms, source: str) -> dict:
   return {
       'format': 'jax.export', 'jax_version': jax.__version__, 'platforms': list(platforms),
       'model': p.model, 'num_classes': p.num_classes, 'weights': source,
+      'model_config': dict(p.model_config),   # the config's model block it was built from (width, depths...)
       'image_size': s, 'resize_pad': p.resize_pad,
       'input': f'float32 [B, {s}, {s}, 3], RGB 0..255, bicubic resize of the whole image to '
                f'{s + p.resize_pad}x{s + p.resize_pad} then centre crop {s}x{s}; not normalised',
@@ -198,10 +179,15 @@ def metadata(p, names, platforms, source: str) -> dict:
 
 
 def _atomic_write(path: str, data: bytes) -> None:
+  """Writes `path` whole or not at all (a full disk leaves the old file, and no temporary one)."""
   tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'wb') as f:
-    f.write(data)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, 'wb') as f:
+      f.write(data)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 def write_savedmodel(fn, image_size: int, directory: str, platforms=PLATFORMS) -> None:
@@ -229,15 +215,15 @@ def write_savedmodel(fn, image_size: int, directory: str, platforms=PLATFORMS) -
 
 def run(weights: str, out: str, model: Optional[str] = None, num_classes: Optional[int] = None,
         image_size: Optional[int] = None, overwrite: bool = False, savedmodel: Optional[str] = None,
-        classes_file: Optional[str] = None, platforms=PLATFORMS, log=sys.stderr) -> dict:
+        classes_file: Optional[str] = None, platforms=PLATFORMS, log=sys.stdout) -> dict:
   """The command: checks outputs, loads, exports, writes; returns the metadata written."""
   check_outputs(out, savedmodel, overwrite)
   bad = sorted(set(platforms) - set(PLATFORMS))
   if bad or not platforms:
     raise ExportError(f'--platforms: {",".join(bad) or "none given"}; accepted: {",".join(PLATFORMS)}')
   p = load(weights, model, num_classes, image_size)
-  names = class_names(weights, p.num_classes, classes_file)
-  fn = inference_fn(p.model, p.num_classes, p.params)
+  names = class_names(p, classes_file)
+  fn = inference_fn(p.model_config, p.params)
   exported = export(fn, p.image_size, platforms)
   meta = metadata(p, names, platforms, weights)
   if savedmodel is not None:  # first: the step that can still fail leaves --out untouched
@@ -251,24 +237,38 @@ def run(weights: str, out: str, model: Optional[str] = None, num_classes: Option
   return meta
 
 
+def default_out(workdir: Optional[str], init_from: Optional[str]) -> str:
+  """Where --out goes when it is not given: into the run (`<workdir>/export/model.jaxexport`), else under
+  runs/ (`runs/export/<weights file name>.jaxexport`), both out of git's way."""
+  if workdir:
+    return os.path.join(workdir, 'export', 'model.jaxexport')
+  stem = os.path.splitext(os.path.basename(os.path.normpath(init_from)))[0]
+  return os.path.join('runs', 'export', f'{stem}.jaxexport')
+
+
 def main(argv):
-  from absl import app, logging  # pylint: disable=g-import-not-at-top
+  from absl import app  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.ERROR)  # orbax logs every restore
-  try:
-    if bool(_WORKDIR.value) == bool(_INIT_FROM.value):
-      raise ExportError('give exactly one of --workdir and --init_from')
-    if _WORKDIR.value and not os.path.isdir(_WORKDIR.value):
-      raise ExportError(f'--workdir: {_WORKDIR.value} is not a folder')
-    run(_WORKDIR.value or _INIT_FROM.value, _OUT.value, _MODEL.value, _NUM_CLASSES.value, _IMAGE_SIZE.value,
-        _OVERWRITE.value, _SAVEDMODEL.value, _CLASSES.value, _PLATFORMS.value)
-  except (ExportError, FileNotFoundError, ValueError, ImportError) as e:  # WeightsError is a ValueError
-    return console.user_error(e)
+  if bool(_WORKDIR.value) == bool(_INIT_FROM.value):
+    raise ExportError('give exactly one of --workdir and --init_from')
+  if _WORKDIR.value and not os.path.isdir(_WORKDIR.value):
+    raise ExportError(f'--workdir: {_WORKDIR.value} is not a folder')
+  out = _OUT.value
+  if not out:
+    out = default_out(_WORKDIR.value, _INIT_FROM.value)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+  run(_WORKDIR.value or _INIT_FROM.value, out, _MODEL.value, _NUM_CLASSES.value, _IMAGE_SIZE.value,
+      _OVERWRITE.value, _SAVEDMODEL.value, _CLASSES.value, _PLATFORMS.value)
   return 0
 
 
-if __name__ == '__main__':
-  from absl import app as _app  # pylint: disable=g-import-not-at-top
+def cli():
+  """The `nfnets-export` command (pyproject.toml); `python -m tools.export` runs the same."""
   define_flags()
-  _app.run(main)
+  # WeightsError and ConfigError are ValueErrors.
+  console.run(main, (ExportError, FileNotFoundError, ValueError, ImportError))
+
+
+if __name__ == '__main__':
+  cli()

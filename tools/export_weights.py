@@ -6,12 +6,14 @@
 
 The source is read by `nfnets.weights.read` (timm for .safetensors/.pth/.pt/.bin or a .npz of timm names,
 else released or flat Haiku weights) and checked against the registry model (`--model`, detected when
-omitted) before anything is written.
+omitted) before anything is written. A source that does not fit is one `error:` line (the first line of the
+mismatch report) and exit status 2, as for every command (`nfnets.console`).
 """
 import argparse
 import os
 import sys
 
+from nfnets import console
 from nfnets import weights
 
 
@@ -37,8 +39,7 @@ def main(argv=None) -> int:
       weights.export_npz(params, args.dst)
       written = args.dst
   except (ValueError, FileNotFoundError, ImportError) as e:  # WeightsError, or an unknown --model
-    print(f'error: {e}', file=sys.stderr)
-    return 1
+    return console.user_error(e)
   print(f'wrote {written} ({weights.count_params(params):,} parameters, {to} names)')
   return 0
 

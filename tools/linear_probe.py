@@ -1,11 +1,15 @@
 """Linear probe: how well a frozen NFNet's pooled features separate a dataset's classes.
 
-  python -m tools.linear_probe --config=configs/demo.py --init_from=runs/demo                # digits
-  python -m tools.linear_probe --config=configs/demo.py --init_from=runs/demo --shots=1,5,10 --seeds=3
+  python -m tools.linear_probe --workdir=runs/demo                                  # the run's own data
+  python -m tools.linear_probe --workdir=runs/demo --shots=1,5,10 --seeds=3
+  python -m tools.linear_probe --workdir=runs/demo --config.dataset.name=folder --config.dataset.data_dir=DIR
+  python -m tools.linear_probe --config=configs/demo.py --init_from=F0_haiku.npz    # weights without a run
 
-The config names the dataset (its `dataset` block: name, splits, data_dir, eval size and resize pad); the
-model comes from the weights (a run's workdir names it in config.json, other files are detected from the
-parameter shapes; --model overrides). A workdir gives its latest EMA params (`nfnets.run_dir.read_weights`).
+A run's workdir supplies its saved config (config.json: the model it describes, width and depths included,
+and its dataset) and its latest EMA params; `--config.dataset.*` overrides probe other data with the same
+features. Without a run, --config names the dataset and --init_from the weights (the model is detected from
+the parameter shapes; --model overrides). The dataset block gives the name, splits, data_dir, eval size and
+resize pad.
 
 Features: the `pre_logits` vector (the globally pooled final-conv activations the classifier reads) of every
 image of the train and eval splits, at config.dataset.eval_image_size (else the registry's test size) with
@@ -25,8 +29,9 @@ Sec. 6.2: JFT-300M pre-training, then ImageNet); a linear probe is the cheap che
 --shots=k1,k2 also fits on k train examples per class (sampled without replacement, one sample per seed,
 --seeds of them) with the c chosen above and reports the mean and spread of their eval top-1.
 
-The last line printed (stdout) is `linear probe top1 <x>`; progress goes to stderr. Errors in the inputs
-(an empty split, more shots than the smallest class has, unreadable weights) print `error: ...` and exit 2.
+The last line printed (stdout) is `linear probe top1 <x>`; progress goes to stderr as the project's INFO
+lines. Errors in the inputs (an empty split, more shots than the smallest class has, unreadable weights)
+print `error: ...` and exit 2 (`nfnets.console`).
 """
 import os
 import sys
@@ -48,29 +53,35 @@ class ProbeError(ValueError):
 def define_flags():
   """Flags exist only when run as a script, so tests can import this module next to other absl programs."""
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  global _CONFIG, _INIT_FROM, _MODEL, _SHOTS, _SEEDS, _BATCH_SIZE, _HOLDOUT, _CONV_IMPL
-  _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config naming the dataset, e.g. configs/demo.py.')
-  _INIT_FROM = flags.DEFINE_string('init_from', None, 'Run workdir (its EMA params) or weights file.')
+  from configs import base  # pylint: disable=g-import-not-at-top
+  from nfnets import run_config  # pylint: disable=g-import-not-at-top
+  global _CONFIG, _WORKDIR, _INIT_FROM, _MODEL, _SHOTS, _SEEDS, _BATCH_SIZE, _HOLDOUT, _CONV_IMPL
+  _CONFIG = run_config.define_config_flag(base.get_config, "Config naming the dataset (a recipe .py or a "
+                                          "run's config.json); default: --workdir's saved config.")
+  _WORKDIR = flags.DEFINE_string('workdir', None, "A run: its saved config and latest EMA params.")
+  _INIT_FROM = flags.DEFINE_string('init_from', None, 'Weights: a run workdir (its EMA params) or a weights '
+                                   'file; default: --workdir.')
   _MODEL = flags.DEFINE_string('model', None, "Registry name; default: the run's, else detected.")
   _SHOTS = flags.DEFINE_list('shots', [], 'Also report k-shot top-1 for these k (examples per class).')
   _SEEDS = flags.DEFINE_integer('seeds', 3, 'Samples (seeds) averaged per k-shot value.', lower_bound=1)
   _BATCH_SIZE = flags.DEFINE_integer('batch_size', 256, 'Images per forward pass.', lower_bound=1)
   _HOLDOUT = flags.DEFINE_float('holdout', HOLDOUT_FRACTION, 'Part of train held out to choose the '
                                 'regulariser.', lower_bound=0.01, upper_bound=0.9)
-  _CONV_IMPL = flags.DEFINE_string('conv_impl', 'auto', 'Grouped-conv lowering (nfnets.conv.IMPLS).')
+  _CONV_IMPL = flags.DEFINE_string('conv_impl', None, "Conv lowering (nfnets.conv.IMPLS); default: the "
+                                   "run's, else 'auto'.")
 
 
 # ---------------------------------------------------------------------------------------------------- features
 
-def feature_fn(model: str, num_classes: int, conv_impl: str = 'auto'):
-  """jitted (params, eval crops [B, S, S, 3] in 0..255) -> float32 pre_logits [B, C]; normalises inside."""
+def feature_fn(model_config, conv_impl: Optional[str] = None):
+  """jitted (params, eval crops [B, S, S, 3] in 0..255) -> float32 pre_logits [B, C] of the model a config's
+  `model` block describes (`nfnets.registry.model_from_config`); normalises inside."""
   import haiku as hk  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from nfnets import registry  # pylint: disable=g-import-not-at-top
   from nfnets.data.normalize import normalize  # pylint: disable=g-import-not-at-top
-  net = hk.without_apply_rng(hk.transform(lambda x: registry.create_model(
-      model, num_classes, conv_impl=conv_impl)(x, is_training=False, return_features=True)[1]['pre_logits']))
+  net = hk.without_apply_rng(hk.transform(lambda x: registry.model_from_config(model_config, conv_impl=conv_impl)(
+      x, is_training=False, return_features=True)[1]['pre_logits']))
   return jax.jit(lambda p, x: net.apply(p, normalize(x)).astype('float32'))
 
 
@@ -111,12 +122,13 @@ def batches(ds_config, which: str, image_size: int, batch_size: int) -> Tuple[in
   return total, ds.batch(batch_size).prefetch(2).as_numpy_iterator()
 
 
-def extract_features(params, model: str, num_classes: int, ds_config, which: str, image_size: int,
-                     batch_size: int = 256, conv_impl: str = 'auto', fn=None,
-                     log=sys.stderr) -> Tuple[np.ndarray, np.ndarray]:
-  """float32 pre_logits [N, C] and int labels [N] of a split ('train' or 'eval'), with progress lines on
-  `log` (images done / total, images/s) at most every 2 s. `num_classes` is the weights' classifier width."""
-  fn = fn or feature_fn(model, num_classes, conv_impl)
+def extract_features(params, model_config, ds_config, which: str, image_size: int, batch_size: int = 256,
+                     fn=None, log: bool = True) -> Tuple[np.ndarray, np.ndarray]:
+  """float32 pre_logits [N, C] and int labels [N] of a split ('train' or 'eval') through the model
+  `model_config` describes (`feature_fn`; or `fn`), with progress INFO lines (images done / total,
+  images/s) at most every 2 s when `log`."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  fn = fn or feature_fn(model_config)
   total, it = batches(ds_config, which, image_size, batch_size)
   feats, labels, done, t0, shown = [], [], 0, time.time(), 0.0
   for b in it:
@@ -128,10 +140,10 @@ def extract_features(params, model: str, num_classes: int, ds_config, which: str
     labels.append(b['labels'])
     done += n
     now = time.time()
-    if log is not None and (now - shown >= 2 or done >= total):
+    if log and (now - shown >= 2 or done >= total):
       shown = now
-      print(f'features {split_name(ds_config, which)}: {done}/{total} images, '
-            f'{done / max(now - t0, 1e-9):.1f} images/s', file=log, flush=True)
+      logging.info('features %s: %d/%d images, %.1f images/s', split_name(ds_config, which), done, total,
+                   done / max(now - t0, 1e-9))
   if not done:
     raise ProbeError(f'the {which} split ({split_name(ds_config, which)}) is empty: none of its {total} '
                      'images could be read')
@@ -291,10 +303,11 @@ def parse_shots(values: Sequence[str]) -> List[int]:
 
 
 def run(config, init_from: str, model: Optional[str] = None, shots: Sequence[int] = (), seeds: int = 3,
-        batch_size: int = 256, fraction: float = HOLDOUT_FRACTION, conv_impl: str = 'auto',
-        out=sys.stdout, log=sys.stderr) -> dict:
-  """The command: loads the weights, extracts both splits' features, fits and prints; returns the results."""
-  from nfnets import registry  # pylint: disable=g-import-not-at-top
+        batch_size: int = 256, fraction: float = HOLDOUT_FRACTION, conv_impl: Optional[str] = None,
+        out=sys.stdout) -> dict:
+  """The command: loads the weights, extracts both splits' features, fits and prints; returns the results.
+  `config` names the dataset; the model is `init_from`'s (its run's config.json, else detected)."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
   from nfnets.data import dataset_info  # pylint: disable=g-import-not-at-top
   from tools import predict  # pylint: disable=g-import-not-at-top
   ds = config.dataset
@@ -303,20 +316,20 @@ def run(config, init_from: str, model: Optional[str] = None, shots: Sequence[int
   num_classes = dataset_info(ds).num_classes
   if not os.path.exists(init_from):
     raise FileNotFoundError(f'--init_from: no such file or folder: {init_from}')
-  loaded = predict.Predictor(init_from, model=model)
-  size = ds.get('eval_image_size') or registry.get_spec(loaded.model).test_size
-  print(f'{loaded.model} from {init_from}: pre_logits at {size} px (resize pad {ds.eval_resize_pad}), '
-        f'{ds.name} with {num_classes} classes', file=out, flush=True)
-  fn = feature_fn(loaded.model, loaded.num_classes, conv_impl)
+  loaded = predict.Predictor(init_from, model=model, conv_impl=conv_impl)
+  size = ds.get('eval_image_size') or registry_test_size(loaded.model)
+  logging.info('%s from %s: pre_logits at %d px (resize pad %d), %s with %d classes', loaded.model, init_from,
+               size, ds.eval_resize_pad, ds.name, num_classes)
+  fn = feature_fn(loaded.model_config)
   t0 = time.time()
-  kw = dict(image_size=size, batch_size=batch_size, fn=fn, log=log)
-  train_x, train_y = extract_features(loaded.params, loaded.model, loaded.num_classes, ds, 'train', **kw)
+  kw = dict(image_size=size, batch_size=batch_size, fn=fn)
+  train_x, train_y = extract_features(loaded.params, loaded.model_config, ds, 'train', **kw)
   check_shots(shots, train_y, num_classes)
-  test_x, test_y = extract_features(loaded.params, loaded.model, loaded.num_classes, ds, 'eval', **kw)
+  test_x, test_y = extract_features(loaded.params, loaded.model_config, ds, 'eval', **kw)
   t1 = time.time()
   res = linear_probe(train_x, train_y, test_x, test_y, num_classes, shots, seeds, fraction)
-  print(f'features: train {train_x.shape}, eval {test_x.shape} in {t1 - t0:.1f} s; ridge fits in '
-        f'{time.time() - t1:.1f} s', file=out)
+  logging.info('features: train %s, eval %s in %.1f s; ridge fits in %.1f s', train_x.shape, test_x.shape,
+               t1 - t0, time.time() - t1)
   print('held-out top1 by regulariser c: ' + ', '.join(
       f'{c:g}: {s:.4f}' for c, s in res['holdout_top1'].items()) + f'; chosen c={res["c"]:g} '
       f'(alpha={res["alpha"]:.4g})', file=out)
@@ -326,24 +339,39 @@ def run(config, init_from: str, model: Optional[str] = None, shots: Sequence[int
   return res
 
 
+def registry_test_size(model: str) -> int:
+  from nfnets import registry  # pylint: disable=g-import-not-at-top
+  return registry.get_spec(model).test_size
+
+
 def main(argv):
-  from absl import app, logging  # pylint: disable=g-import-not-at-top
+  from absl import app  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.ERROR)  # orbax logs every restore
-  try:
-    if _CONFIG.value is None:
-      raise ProbeError('--config is required (a config naming the dataset, e.g. configs/demo.py)')
-    if not _INIT_FROM.value:
-      raise ProbeError('--init_from is required (a run workdir or a weights file)')
-    run(_CONFIG.value, _INIT_FROM.value, _MODEL.value, parse_shots(_SHOTS.value), _SEEDS.value,
-        _BATCH_SIZE.value, _HOLDOUT.value, _CONV_IMPL.value)
-  except (ProbeError, FileNotFoundError, ValueError, ImportError) as e:  # WeightsError is a ValueError
-    return console.user_error(e)
+  if _CONFIG.value is None:
+    raise ProbeError('give --workdir of a run, or --config (a config naming the dataset, e.g. '
+                     'configs/demo.py) with --init_from')
+  init_from = _INIT_FROM.value or _WORKDIR.value
+  if not init_from:
+    raise ProbeError('--init_from is required without --workdir (a run workdir or a weights file)')
+  run(_CONFIG.value, init_from, _MODEL.value, parse_shots(_SHOTS.value), _SEEDS.value, _BATCH_SIZE.value,
+      _HOLDOUT.value, _CONV_IMPL.value)
   return 0
 
 
-if __name__ == '__main__':
-  from absl import app as _app  # pylint: disable=g-import-not-at-top
+def parse_flags(argv):
+  """--workdir's saved config is the config (`nfnets.run_config`); --config is needed only without one."""
+  from configs import base  # pylint: disable=g-import-not-at-top
+  from nfnets import run_config  # pylint: disable=g-import-not-at-top
+  return run_config.parse_flags(argv, base.get_config, require_config=False)
+
+
+def cli():
+  """The `nfnets-linear-probe` command (pyproject.toml); `python -m tools.linear_probe` runs the same."""
   define_flags()
-  _app.run(main)
+  # WeightsError and ConfigError are ValueErrors.
+  console.run(main, (ProbeError, FileNotFoundError, ValueError, ImportError), flags_parser=parse_flags)
+
+
+if __name__ == '__main__':
+  cli()

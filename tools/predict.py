@@ -1,14 +1,15 @@
 """Classifies image files with NFNet weights: top-k class names and probabilities per image.
 
+  python -m tools.predict --weights=runs/demo runs/demo/samples/*.png      # a run's workdir (its EMA params)
   python -m tools.predict --weights=F0_haiku.npz cat.jpg dog.png           # DeepMind's released F0 weights
-  python -m tools.predict --weights=runs/demo --classes=digits.txt *.png    # a run's workdir (its EMA params)
   python -m tools.predict --weights=f0_flat.npz --top=3 --json a.jpg        # JSON on stdout
 
 Weights: a run's workdir or checkpoint folder (the latest EMA params), DeepMind's released pickle
 (`F*_haiku.npz`), a flat .npz from `python -m tools.export_weights`, or a timm `dm_nfnet_f*` state dict
-(.safetensors; .pth needs PyTorch). The model is detected from the parameter shapes unless --model is given
-(a run's workdir names it in its config.json); --model/--num_classes that do not fit the weights are an
-error that lists every mismatch.
+(.safetensors; .pth needs PyTorch). A run's workdir supplies its saved config.json: the model is the one its
+config describes (`nfnets.registry.model_from_config`: width and depths overrides included), with its eval
+size, resize pad and class names. Other weights: the model is detected from the parameter shapes unless
+--model is given. --model/--num_classes that do not fit the weights are an error that lists every mismatch.
 
 Preprocessing is the eval pipeline's (`nfnets.data.preprocess.eval_image`; the reference code's
 `eval_preproc='resize_crop_32'`, deepmind-research/nfnets experiment_nfnets.py): the whole image is
@@ -17,22 +18,26 @@ model call normalises it with the ImageNet mean/std (`nfnets.data.normalize`). A
 own eval size and padding. JPEG, PNG, GIF and BMP are decoded by TensorFlow, other formats (WebP, TIFF, ...)
 through Pillow; grayscale and RGBA images become RGB.
 
-Class names: a 1000-class model gets the ILSVRC-2012 names shipped in nfnets/imagenet_classes.txt
-(`synset<TAB>name` per line, in the standard index order); --classes=FILE gives names for any model, one per
-line in label order (a `synset<TAB>name` line shows the name). Without names, classes print as indices.
+Class names (`nfnets.class_names`): --classes=FILE (one per line in label order; a `synset<TAB>name` line
+shows the name), else the run's dataset (an image folder: its class folders; digits: '0'..'9'; a TFDS
+dataset: its label names), else the ILSVRC-2012 names for a 1000-class model, else indices.
+
+Console: the predictions on stdout; the project's INFO line and warnings on stderr. Exit status 0; 1 when
+--skip_bad_images skipped some; 2 with one `error:` line per problem for bad input (missing or unreadable
+images or weights, a --model or --num_classes that does not fit); 74 when the storage fails.
 """
 import json
 import os
 import re
-import sys
 from typing import Dict, List, Optional, Sequence
 
 from absl import app
 from absl import flags
 from absl import logging
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tools/.. holds the nfnets package
-IMAGENET_CLASSES = os.path.join(_REPO, 'nfnets', 'imagenet_classes.txt')
+from nfnets import console
+from nfnets.class_names import IMAGENET_CLASSES, read_class_names  # pylint: disable=unused-import
+
 EVAL_RESIZE_PAD = 32   # reference eval_preproc 'resize_crop_32': resize to S + 32, centre crop S
 
 
@@ -46,8 +51,8 @@ def define_flags():
                                'detected from the weights when omitted.')
   _NUM_CLASSES = flags.DEFINE_integer('num_classes', None, "Taken from the weights' classifier when omitted.")
   _TOP = flags.DEFINE_integer('top', 5, 'How many classes to print per image.', lower_bound=1)
-  _CLASSES = flags.DEFINE_string('classes', None, 'Class names, one per line in label order (default: the '
-                                 'ImageNet names for a 1000-class model, else indices).')
+  _CLASSES = flags.DEFINE_string('classes', None, "Class names, one per line in label order (default: the "
+                                 "run's dataset's, the ImageNet names for a 1000-class model, else indices).")
   _IMAGE_SIZE = flags.DEFINE_integer('image_size', None, "Crop size; default: the run's eval size, else the "
                                      "model's test size.", lower_bound=1)
   _RESIZE_PAD = flags.DEFINE_integer('resize_pad', None, "Resize to image_size + resize_pad before the centre "
@@ -56,70 +61,74 @@ def define_flags():
   _JSON = flags.DEFINE_bool('json', False, 'Print a JSON list instead of text.')
   _SKIP_BAD = flags.DEFINE_bool('skip_bad_images', False, 'Warn about unreadable images and classify the '
                                 'rest (default: report them all and stop).')
-  _CONV_IMPL = flags.DEFINE_enum('conv_impl', 'auto', list(conv_lib.IMPLS), 'Grouped-conv lowering.')
+  _CONV_IMPL = flags.DEFINE_enum('conv_impl', None, list(conv_lib.IMPLS), "Conv lowering; default: the "
+                                 "run's model.conv_impl, else 'auto'.")
 
 
 class ImageError(ValueError):
-  """Image files that are missing or cannot be decoded; the message lists every one."""
+  """Image files that are missing or cannot be decoded: `problems` has one line per file."""
+
+  def __init__(self, problems):
+    self.problems = [problems] if isinstance(problems, str) else list(problems)
+    super().__init__('\n'.join(self.problems))
 
 
 # ---------------------------------------------------------------------------------------------------- model
-
-def _run_config(weights: str) -> dict:
-  """config.json of a run whose workdir (or checkpoints folder) is `weights`; {} otherwise."""
-  if not os.path.isdir(weights):
-    return {}
-  for folder in (weights, os.path.dirname(os.path.normpath(weights))):
-    path = os.path.join(folder, 'config.json')
-    if os.path.isfile(path):
-      try:
-        with open(path) as f:
-          return json.load(f)
-      except (OSError, ValueError):
-        return {}
-  return {}
-
 
 class Predictor:
   """An NFNet with loaded weights and its eval preprocessing settings.
 
   Args:
-    weights: anything `nfnets.run_dir.read_weights` reads (workdir, released pickle, .npz, timm file).
-    model: registry or timm name; None: the run's config.json, else detected from the weights.
-    num_classes: None: the classifier's width in the weights.
+    weights: anything `nfnets.init_weights.read_weights` reads (workdir, released pickle, .npz, timm file). A
+      run's workdir supplies its config.json: the model its `model` block describes (width, depths, ...:
+      `nfnets.registry.model_from_config`) and its eval size and resize pad.
+    model: registry or timm name; None: the run's, else detected from the weights.
+    num_classes: None: the run's, else the classifier's width in the weights.
     image_size / resize_pad: None: the run's eval settings, else the model's test size and 32.
+    conv_impl: None: the run's (else 'auto'); tools.export lowers with 'xla'.
   Raises:
     FileNotFoundError for missing weights; `nfnets.weights.WeightsError` (a ValueError) for corrupt
-    files or weights that do not fit the model.
+    files or weights that do not fit the model; ConfigError for an unreadable config.json.
   """
 
   def __init__(self, weights: str, model: Optional[str] = None, num_classes: Optional[int] = None,
-               image_size: Optional[int] = None, resize_pad: Optional[int] = None, conv_impl: str = 'auto'):
+               image_size: Optional[int] = None, resize_pad: Optional[int] = None,
+               conv_impl: Optional[str] = None):
     import haiku as hk  # pylint: disable=g-import-not-at-top
     import jax  # pylint: disable=g-import-not-at-top
-    from nfnets import registry, run_dir  # pylint: disable=g-import-not-at-top
+    from configs import base  # pylint: disable=g-import-not-at-top
+    from nfnets import init_weights, registry, run_config  # pylint: disable=g-import-not-at-top
     from nfnets import weights as weights_lib  # pylint: disable=g-import-not-at-top
+    from nfnets.data.normalize import normalize  # pylint: disable=g-import-not-at-top
     weights = os.fspath(weights)
     if not os.path.exists(weights):
       raise FileNotFoundError(f'--weights: no such file or folder: {weights}')
-    run = _run_config(weights)
-    params = run_dir.read_weights(weights)
-    model = model or run.get('model', {}).get('name')
-    if model is None:  # detect with the file's own class count, so a wrong --num_classes lists mismatches
-      model = weights_lib.validate(params, None, None, source=weights)
-    self.model = weights_lib.validate(params, model, num_classes, source=weights)
-    self.num_classes = weights_lib.num_classes(params) if num_classes is None else num_classes
-    spec = registry.get_spec(self.model)
-    ds = run.get('dataset', {})
-    self.image_size = image_size or ds.get('eval_image_size') or spec.test_size
+    saved = run_config.saved_config_path(weights)
+    self.config = run_config.config_from_json(saved, base.get_config) if saved else None
+    params = init_weights.read_weights(weights)
+    if self.config is not None and model in (None, self.config.model.name):
+      model_config = self.config.model.to_dict()   # the run's model, its width and depths included
+      if num_classes is not None:
+        model_config['num_classes'] = num_classes
+      weights_lib.validate_config(params, model_config, source=weights)
+    else:
+      if model is None:  # detect with the file's own class count, so a wrong --num_classes lists mismatches
+        model = weights_lib.validate(params, None, None, source=weights)
+      model = weights_lib.validate(params, model, num_classes, source=weights)
+      model_config = {'name': model, 'num_classes': weights_lib.num_classes(params) if num_classes is None
+                      else num_classes}
+    if conv_impl is not None:
+      model_config['conv_impl'] = conv_impl
+    self.model_config = model_config
+    self.model, self.num_classes = model_config['name'], model_config['num_classes']
+    ds = self.config.dataset if self.config is not None else {}
+    self.image_size = image_size or ds.get('eval_image_size') or registry.get_spec(self.model).test_size
     pad = resize_pad if resize_pad is not None else ds.get('eval_resize_pad')
     self.resize_pad = EVAL_RESIZE_PAD if pad is None else int(pad)
     self.weights = weights
     self.params = params
-    name, n = self.model, self.num_classes
     net = hk.without_apply_rng(hk.transform(
-        lambda x: registry.create_model(name, n, conv_impl=conv_impl)(x, is_training=False)))
-    from nfnets.data.normalize import normalize  # pylint: disable=g-import-not-at-top
+        lambda x: registry.model_from_config(model_config)(x, is_training=False)))
     logits = lambda p, x: net.apply(p, normalize(x)).astype('float32')
     self._probs = jax.jit(lambda p, x: jax.nn.softmax(logits(p, x), axis=-1))
     self._logits = jax.jit(logits)
@@ -188,32 +197,11 @@ def load_images(paths: Sequence[str], image_size: int, resize_pad: int, skip_bad
     except ImageError as e:
       problems.append(str(e))
   if problems and not skip_bad:
-    raise ImageError(f'{len(problems)} of {len(paths)} images cannot be read:\n  ' + '\n  '.join(problems))
+    raise ImageError(problems)
   for p in problems:
-    print(f'warning: skipping {p}', file=sys.stderr)
+    logging.warning('Skipping %s', p)
   shape = (0, image_size, image_size, 3)
   return (np.stack(images).astype(np.float32) if images else np.zeros(shape, np.float32)), kept
-
-
-# ---------------------------------------------------------------------------------------------------- classes
-
-def read_class_names(path: Optional[str], num_classes: int) -> Optional[List[str]]:
-  """Names for `num_classes` labels: from `path`, the shipped ImageNet list for 1000 classes, else None."""
-  if path is None:
-    if num_classes != 1000:
-      return None
-    path = IMAGENET_CLASSES
-  try:
-    with open(path, encoding='utf-8') as f:
-      lines = [line.rstrip('\r\n') for line in f]
-  except OSError as e:
-    raise FileNotFoundError(f'--classes: cannot read {path}: {e.strerror or e}') from None
-  while lines and not lines[-1].strip():
-    lines.pop()
-  names = [line.split('\t', 1)[-1].strip() for line in lines]
-  if len(names) != num_classes:
-    raise ValueError(f'{path} has {len(names)} class names but the model has {num_classes} classes')
-  return names
 
 
 # ---------------------------------------------------------------------------------------------------- predict
@@ -251,32 +239,39 @@ def format_text(results: List[Dict]) -> str:
 
 
 def main(argv):
-  logging.set_verbosity(logging.ERROR)  # orbax logs every restore, and warns about read-only use
   paths = argv[1:]
   if not paths:
     raise app.UsageError('Give one or more image files: python -m tools.predict --weights=PATH IMAGE [IMAGE ...]')
   if not _WEIGHTS.value:
     raise app.UsageError('--weights is required')
-  from nfnets import weights as weights_lib  # pylint: disable=g-import-not-at-top
-  try:
-    missing = [p for p in paths if not os.path.exists(p)]
-    if missing and not _SKIP_BAD.value:  # fail before the (slow) weight loading
-      raise ImageError(f'{len(missing)} of {len(paths)} images cannot be read:\n  '
-                       + '\n  '.join(f'{p}: no such file' for p in missing))
-    predictor = Predictor(_WEIGHTS.value, _MODEL.value, _NUM_CLASSES.value, _IMAGE_SIZE.value,
-                          _RESIZE_PAD.value, _CONV_IMPL.value)
-    names = read_class_names(_CLASSES.value, predictor.num_classes)
-    print(f'{predictor.model} ({predictor.num_classes} classes) from {predictor.weights}; images resized to '
-          f'{predictor.image_size + predictor.resize_pad} px, centre crop {predictor.image_size} px',
-          file=sys.stderr)
-    results = predict(predictor, paths, _TOP.value, names, _BATCH_SIZE.value, _SKIP_BAD.value)
-  except (ImageError, weights_lib.WeightsError, FileNotFoundError, ValueError, ImportError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
+  missing = [p for p in paths if not os.path.exists(p)]
+  if missing and not _SKIP_BAD.value:  # fail before the (slow) weight loading
+    raise ImageError([f'{p}: no such file' for p in missing])
+  from nfnets import class_names  # pylint: disable=g-import-not-at-top
+  predictor = Predictor(_WEIGHTS.value, _MODEL.value, _NUM_CLASSES.value, _IMAGE_SIZE.value, _RESIZE_PAD.value,
+                        _CONV_IMPL.value)
+  dataset = predictor.config.dataset if predictor.config is not None else None
+  names = class_names.class_names(predictor.num_classes, _CLASSES.value, dataset)
+  logging.info('%s (%d classes) from %s; images resized to %d px, centre crop %d px', predictor.model,
+               predictor.num_classes, predictor.weights, predictor.image_size + predictor.resize_pad,
+               predictor.image_size)
+  results = predict(predictor, paths, _TOP.value, names, _BATCH_SIZE.value, _SKIP_BAD.value)
   print(json.dumps(results, indent=2) if _JSON.value else format_text(results))
   return 0 if len(results) == len(paths) else 1
 
 
-if __name__ == '__main__':
+def user_errors():
+  """The exceptions that are the user's input, not a bug: one `error:` line each, exit status 2."""
+  from nfnets import config_validation, weights  # pylint: disable=g-import-not-at-top
+  return (ImageError, weights.WeightsError, config_validation.ConfigError, FileNotFoundError, ValueError,
+          ImportError)
+
+
+def cli():
+  """The `nfnets-predict` command (pyproject.toml); `python -m tools.predict` runs the same."""
   define_flags()
-  app.run(main)
+  console.run(main, user_errors())
+
+
+if __name__ == '__main__':
+  cli()

@@ -12,6 +12,7 @@ Every loader returns Haiku's two-level tree `{module_path: {param_name: np.ndarr
                                   timm `dm_nfnet_f*` state dicts (.safetensors, .pth/.pt/.bin, .npz)
   expected_shapes / detect_model / validate / num_classes / count_params
                                   the tree against a registry model
+  config_shapes / validate_config the tree against the model a config's `model` block describes
 
 Errors are `WeightsError` (a ValueError) naming the file, `UnsafePickleError` (a WeightsError) for pickles
 that ask for code, FileNotFoundError for missing files and ImportError when an optional package
@@ -34,13 +35,14 @@ from nfnets.weights.safe_pickle import ALLOWED_PICKLE_GLOBALS, UnsafePickleError
 from nfnets.weights.timm import from_timm, load_timm, save_timm, to_timm
 from nfnets.weights.tree import Params, PathLike, WeightsError, flatten, unflatten
 from nfnets.weights.validation import count_params, detect_model, expected_shapes, num_classes
-from nfnets.weights.validation import registry_name, validate
+from nfnets.weights.validation import config_shapes, registry_name, validate, validate_config
 
 __all__ = [
-    'ALLOWED_PICKLE_GLOBALS', 'Params', 'UnsafePickleError', 'WeightsError', 'count_params', 'detect_model',
+    'ALLOWED_PICKLE_GLOBALS', 'Params', 'UnsafePickleError', 'WeightsError', 'config_shapes', 'count_params',
+    'detect_model',
     'expected_shapes', 'export_npz', 'fit_to_template', 'flatten', 'from_timm', 'load_npz', 'load_released',
     'load_timm', 'num_classes', 'read', 'read_released', 'registry_name', 'save_timm', 'to_timm',
-    'unflatten', 'validate',
+    'unflatten', 'validate', 'validate_config',
 ]
 
 

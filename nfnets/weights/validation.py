@@ -77,6 +77,35 @@ def _expected_shapes(model_name: str, classes: int) -> Shapes:
   return {m: {n: tuple(v.shape) for n, v in ps.items()} for m, ps in shapes.items()}
 
 
+def config_shapes(model_config: Mapping[str, Any]) -> Shapes:
+  """`{module: {name: shape}}` of the model a config's `model` block describes (`registry.model_from_config`:
+  its width, depths, ... honoured), from `jax.eval_shape` of its init."""
+  name, classes, kwargs = registry.model_kwargs(model_config)
+  return {m: dict(ps) for m, ps in _config_shapes(name, classes, tuple(sorted(kwargs.items()))).items()}
+
+
+@functools.lru_cache(maxsize=16)
+def _config_shapes(name: str, classes: int, kwargs: Tuple) -> Shapes:
+  spec = registry.get_spec(name)
+  block = dict(kwargs, name=name, num_classes=classes)
+  f = hk.transform(lambda x: registry.model_from_config(block)(x, is_training=False))
+  images = jax.ShapeDtypeStruct((1, spec.train_size, spec.train_size, 3), jnp.float32)
+  shapes = jax.eval_shape(f.init, jax.random.PRNGKey(0), images)
+  return {m: {n: tuple(v.shape) for n, v in ps.items()} for m, ps in shapes.items()}
+
+
+def validate_config(params: Mapping[str, Mapping[str, Any]], model_config: Mapping[str, Any],
+                    source: str = 'weights') -> None:
+  """Checks names and shapes against the model a config's `model` block describes (a run's config.json),
+  reporting every mismatch in one WeightsError."""
+  bad = _mismatches(params, config_shapes(model_config))
+  if bad:
+    name, classes, kwargs = registry.model_kwargs(model_config)
+    shape = ', '.join(f'{k}={v}' for k, v in kwargs.items() if k in ('width', 'depths'))
+    raise WeightsError(f'{source}: parameters do not match the config\'s model {name!r} (num_classes='
+                       f'{classes}{", " + shape if shape else ""}): {len(bad)} mismatches\n' + '\n'.join(bad))
+
+
 def _mismatches(params: Mapping[str, Mapping[str, Any]], expected: Shapes) -> List[str]:
   missing, unexpected, wrong = [], [], []
   for module in sorted(set(expected) | set(params)):
