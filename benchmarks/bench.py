@@ -52,6 +52,9 @@ _WARMUP = flags.DEFINE_integer('warmup', 1, 'Untimed steps per variant after com
 _REMAT = flags.DEFINE_bool('remat', None, 'Override config.remat (recompute blocks in the backward).')
 _MEMSCHED = flags.DEFINE_bool('cpu_memory_scheduler', None,
                                 'Override config.cpu_memory_scheduler (XLA:CPU memory-optimized scheduler).')
+_CACHE = flags.DEFINE_bool('compilation_cache', False,
+                            'Use the persistent compilation cache (config.compilation_cache_dir). Off by default, '
+                            'so compile_time_s times a compile, not a load from the cache.')
 _JSON = flags.DEFINE_string('json', None, 'Write the results here as JSON.')
 _PEAK_N = flags.DEFINE_integer('peak_matmul_n', 2048, 'Size of the square matmul that measures peak.')
 
@@ -95,7 +98,7 @@ def measure_matmul_peak(dtype, n: int, repeats: int = 5) -> float:
 
 
 def make_config(base, variant: str, batch_size: int, resolution, dtype: str, remat,
-                cpu_memory_scheduler=None):
+                cpu_memory_scheduler=None, compilation_cache=False):
   c = base.copy_and_resolve_references()
   c.batch_size = batch_size
   c.grad_accum_steps = 1
@@ -104,6 +107,8 @@ def make_config(base, variant: str, batch_size: int, resolution, dtype: str, rem
   c.dataset.name = 'fake'  # no files; the batch is synthetic
   # The recipe's step count is for batch 4096; at a small batch the warm-up alone would exceed it.
   c.training_steps = 1 << 30
+  if not compilation_cache:
+    c.compilation_cache_dir = ''
   if resolution:
     c.dataset.image_size = resolution
     c.dataset.eval_image_size = resolution
@@ -185,13 +190,14 @@ def tuning_report() -> dict:
 
 
 def run(config, variants, mode='train', batch_size=8, resolution=None, dtype='float32', steps=5,
-        warmup=1, remat=None, peak_matmul_n=2048, log=print, cpu_memory_scheduler=None):
+        warmup=1, remat=None, peak_matmul_n=2048, log=print, cpu_memory_scheduler=None,
+        compilation_cache=False):
   """Benchmarks each variant; returns one result dict per variant (keys as documented in the module)."""
   for v in variants:
     conv_lib.resolve_impl(v, 2)  # validates the name before any compile
   runners = []
   for v in variants:
-    cfg = make_config(config, v, batch_size, resolution, dtype, remat, cpu_memory_scheduler)
+    cfg = make_config(config, v, batch_size, resolution, dtype, remat, cpu_memory_scheduler, compilation_cache)
     r = Runner(cfg, v, mode)
     log(f'[{v}] compiled in {r.compile_time_s:.1f} s; XLA memory estimate '
         f'{r.xla_memory_bytes / 2**30:.2f} GiB; peak RSS after compile {r.rss_after_compile / 2**30:.2f} GiB, '
@@ -244,7 +250,7 @@ def main(argv):
   try:
     results = run(_CONFIG.value, variants, _MODE.value, _BATCH.value, _RES.value, _DTYPE.value,
                   _STEPS.value, _WARMUP.value, _REMAT.value, _PEAK_N.value,
-                  cpu_memory_scheduler=_MEMSCHED.value)
+                  cpu_memory_scheduler=_MEMSCHED.value, compilation_cache=_CACHE.value)
   except DoesNotFitError as e:
     print(f'benchmarks.bench: {e}', file=sys.stderr)
     sys.exit(2)
