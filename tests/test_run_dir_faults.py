@@ -61,8 +61,9 @@ def test_full_disk_ends_in_one_line_and_keeps_the_written_checkpoint(full_disk_r
   assert line.startswith(f'error: {workdir}/checkpoints/2: no space left on the device while writing the '
                          'checkpoint of step 2;'), line
   assert 'intact (newest: step 1)' in line and 'rerun the same command' in line
-  # Step 1 is whole; step 2 never became a step (orbax's temporary folder is not listed as one).
-  assert steps_on_disk(workdir) == ['1', '2.orbax-checkpoint-tmp']
+  # Step 1 is whole; step 2 never became a step. Orbax creates its temporary folder on a background
+  # thread, so the failed write may or may not have left one; it is never listed as a step.
+  assert steps_on_disk(workdir) in (['1'], ['1', '2.orbax-checkpoint-tmp'])
   config = demo.get_config()
   config.model.depths = (1, 2, 1, 1)
   io = run_dir.RunDir(workdir, config)

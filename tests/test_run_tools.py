@@ -7,6 +7,7 @@ import glob
 import json
 import os
 import re
+import sysconfig
 import textwrap
 
 import jax
@@ -117,11 +118,14 @@ def test_predict_names_digits_and_prints_one_line(run, predicted):
 
 
 # The exported file read back by a process that cannot import this repository (python -I, another cwd).
+# Run with `python -I -S`: the installed packages are put on the path without their .pth files, so the
+# editable install of this repository (`make venv`) is not importable, as on a machine with only jax.
 READER = textwrap.dedent('''
     import sys
+    path, images, out, *site_packages = sys.argv[1:]
+    sys.path.extend(site_packages)
     import numpy as np
     import jax
-    path, images, out = sys.argv[1:]
     try:
       import nfnets  # noqa
       raise SystemExit('nfnets is importable: the reader must not see the repository')
@@ -146,8 +150,9 @@ def test_exported_logits_equal_predicts(run, predicted, tmp_path):
   assert meta['model_config']['depths'] == [int(d) for d in RUNS[name][-1].split('=(')[1][:-1].split(',')]
   np.save(tmp_path / 'images.npy', eval_crops(paths))
   (tmp_path / 'reader.py').write_text(READER)
+  site_packages = sorted({sysconfig.get_paths()['purelib'], sysconfig.get_paths()['platlib']})
   proc = run_tool('reader.py', out, str(tmp_path / 'images.npy'), str(tmp_path / 'logits.npy'),
-                  cwd=str(tmp_path), python=(os.sys.executable, '-I'))
+                  *site_packages, cwd=str(tmp_path), python=(os.sys.executable, '-I', '-S'))
   assert proc.returncode == 0, proc.stderr[-3000:]
   logits = np.load(tmp_path / 'logits.npy')
   probs = np.asarray(jax.nn.softmax(logits, axis=-1))

@@ -171,7 +171,9 @@ def test_folder_fine_tune_from_the_demo_run_predicts_class_names(demo_run, tmp_p
   assert preview.returncode == 0, preview.stderr[-3000:]
   assert preview.stdout == f'Wrote 4 images to {workdir}/augmentation.png\n'
   ours, others = console_lines(preview.stderr)
-  assert not others and len(ours) == 1 and f'Config {workdir}/config.json' in ours[0], preview.stderr
+  # The config it read and the data it draws from, nothing else.
+  assert not others and len(ours) == 2, preview.stderr
+  assert f'Config {workdir}/config.json' in ours[0] and 'Dataset folder: 30 train examples' in ours[1], ours
   assert os.path.getsize(os.path.join(workdir, 'augmentation.png')) > 5000
 
 
