@@ -2,8 +2,8 @@
 
   python -m benchmarks.scaling --config=configs/demo.py --devices=1,2,4,8 --per_device_batch=16
 
-Times `Experiment.train_step` (pmap over the first n local devices, gradients pmean'd) with a global batch
-of n x per_device_batch. Efficiency(n) = images/s(n) / (n x images/s(1)); 100% is perfect scaling.
+Times `Experiment.train_step` (data parallel over the first n local devices, gradients pmean'd) with a
+global batch of n x per_device_batch. Efficiency(n) = images/s(n) / (n x images/s(1)); 100% is perfect scaling.
 On a CPU the devices are simulated (`jax_num_cpu_devices`) and all share the machine's cores, so this
 measures the overhead of the data-parallel program rather than added compute: expect about 1/n there.
 On GPU/TPU hosts the real local devices are used. The device counts are timed round-robin, so load from

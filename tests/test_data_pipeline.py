@@ -116,6 +116,19 @@ def test_eval_global_batches_are_the_same_for_any_process_count(count):
   np.testing.assert_array_equal(reference[0]['images'][0], first)   # float crops, not rounded
 
 
+def test_the_train_split_read_as_eval_is_in_order_and_unaugmented():
+  """split='train' (what the linear probe reads): every train example once, in the split's order, with
+  the eval crop; the last batch padded with mask 0."""
+  batches = list(data.eval_iterator(ds_config(), global_batch_size=500, image_size=16, split='train'))
+  images, labels = sources.digits_arrays()['train']
+  assert len(batches) == 3 and sum(b['mask'].sum() for b in batches) == len(labels) == 1437
+  np.testing.assert_array_equal(np.concatenate([b['labels'] for b in batches])[:1437], labels)
+  last = preprocess.eval_image(tf.constant(images[-1]), encoded=False, image_size=16, resize_pad=None).numpy()
+  np.testing.assert_array_equal(batches[-1]['images'][1436 - 1000], last)
+  with pytest.raises(ValueError, match="split='test'"):
+    data.eval_iterator(ds_config(), global_batch_size=8, image_size=16, split='test')
+
+
 def test_eval_resize_pad_keeps_the_reference_crop_ratio_unless_set():
   assert [preprocess.eval_resize_pad(s) for s in (32, 64, 224, 256, 320)] == [4, 8, 28, 32, 32]
   assert preprocess.eval_resize_pad(32, 0) == 0 and preprocess.eval_resize_pad(32, 32) == 32

@@ -130,7 +130,7 @@ def test_empty_split_is_an_error(tmp_path, digits):
   ds = digits.copy_and_resolve_references()
   ds.name, ds.data_dir, ds.eval_split = 'folder', str(tmp_path), 'val'
   with pytest.raises(lp.ProbeError, match=r"eval split \(folder 'val'\) is empty"):
-    lp.open_split(ds, 'eval')
+    lp.check_split(ds, 'eval')
   x = np.zeros((0, 4), np.float32)
   with pytest.raises(lp.ProbeError, match='train split is empty'):
     lp.linear_probe(x, np.zeros(0, np.int64), x, np.zeros(0, np.int64), 2)

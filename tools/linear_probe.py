@@ -13,7 +13,7 @@ resize pad.
 
 Features: the `pre_logits` vector (the globally pooled final-conv activations the classifier reads) of every
 image of the train and eval splits, at config.dataset.eval_image_size (else the registry's test size) with
-the eval preprocessing only (`nfnets.data.preprocess.eval_image`: resize to S + pad, centre crop; then the
+the eval preprocessing only (`nfnets.data.eval_iterator`: resize to S + pad, centre crop; then the
 ImageNet mean/std of `nfnets.data.normalize` inside the jitted model call; no augmentation).
 
 Classifier: ridge regression on one-hot targets, solved in closed form (an unpenalised intercept; the
@@ -89,9 +89,9 @@ def split_name(ds_config, which: str) -> str:
   return f"{ds_config.name} '{ds_config.train_split if which == 'train' else ds_config.eval_split}'"
 
 
-def open_split(ds_config, which: str):
-  """(Source, tf.data dataset of {'image', 'label'}) of the train or eval split, one process, unshuffled
-  where the source allows. Raises ProbeError for 'fake' data or a split with no examples."""
+def check_split(ds_config, which: str) -> int:
+  """The number of examples of the train or eval split. Raises ProbeError for 'fake' data or a split with
+  no examples."""
   from nfnets.data import sources  # pylint: disable=g-import-not-at-top
   if which not in ('train', 'eval'):
     raise ValueError(f"which must be 'train' or 'eval', got {which!r}")
@@ -101,25 +101,17 @@ def open_split(ds_config, which: str):
   count = source.num_train if which == 'train' else source.num_eval
   if count == 0:
     raise ProbeError(f'the {which} split ({split_name(ds_config, which)}) is empty: 0 examples')
-  ds, _ = (source.train if which == 'train' else source.eval)(0, 1)
-  return source, ds
+  return count
 
 
 def batches(ds_config, which: str, image_size: int, batch_size: int) -> Tuple[int, Iterator[dict]]:
-  """(number of examples listed, iterator of {'images' (0..255, not normalised), 'labels'} numpy batches), eval
-  preprocessing as `nfnets.data.pipeline.eval_iterator`; undecodable images are dropped with a warning."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from nfnets.data import preprocess  # pylint: disable=g-import-not-at-top
-  source, ds = open_split(ds_config, which)
-
-  def prep(ex):
-    image = preprocess.eval_image(ex['image'], encoded=source.encoded, image_size=image_size,
-                                  resize_pad=ds_config.eval_resize_pad)
-    return {'images': image, 'labels': ex['label']}
-
-  ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors(log_warning=True)
-  total = source.num_train if which == 'train' else source.num_eval
-  return total, ds.batch(batch_size).prefetch(2).as_numpy_iterator()
+  """(number of examples listed, iterator of {'images' (0..255, not normalised), 'labels', 'mask'} numpy
+  batches of `batch_size`, the last one padded (mask 0)): the split in order, eval preprocessing
+  (`nfnets.data.eval_iterator`); undecodable images are masked out and reported in a warning."""
+  from nfnets import data  # pylint: disable=g-import-not-at-top
+  total = check_split(ds_config, which)
+  return total, data.eval_iterator(ds_config, global_batch_size=batch_size, image_size=image_size,
+                                   process_index=0, process_count=1, split=which)
 
 
 def extract_features(params, model_config, ds_config, which: str, image_size: int, batch_size: int = 256,
@@ -131,14 +123,11 @@ def extract_features(params, model_config, ds_config, which: str, image_size: in
   fn = fn or feature_fn(model_config)
   total, it = batches(ds_config, which, image_size, batch_size)
   feats, labels, done, t0, shown = [], [], 0, time.time(), 0.0
-  for b in it:
-    n = len(b['labels'])
-    images = b['images']
-    if n < batch_size:  # one compiled shape for every batch
-      images = np.concatenate([images, np.zeros((batch_size - n,) + images.shape[1:], images.dtype)])
-    feats.append(np.asarray(fn(params, images))[:n])
-    labels.append(b['labels'])
-    done += n
+  for b in it:   # every batch has batch_size images: one compiled shape
+    keep = b['mask'] > 0
+    feats.append(np.asarray(fn(params, b['images']))[keep])
+    labels.append(b['labels'][keep])
+    done += int(keep.sum())
     now = time.time()
     if log and (now - shown >= 2 or done >= total):
       shown = now
@@ -312,14 +301,15 @@ def run(config, init_from: str, model: Optional[str] = None, shots: Sequence[int
   from tools import predict  # pylint: disable=g-import-not-at-top
   ds = config.dataset
   for which in ('train', 'eval'):
-    open_split(ds, which)  # an empty split fails before the (slow) weight loading
+    check_split(ds, which)  # an empty split fails before the (slow) weight loading
   num_classes = dataset_info(ds).num_classes
   if not os.path.exists(init_from):
     raise FileNotFoundError(f'--init_from: no such file or folder: {init_from}')
   loaded = predict.Predictor(init_from, model=model, conv_impl=conv_impl)
   size = ds.get('eval_image_size') or registry_test_size(loaded.model)
+  from nfnets.data import preprocess  # pylint: disable=g-import-not-at-top
   logging.info('%s from %s: pre_logits at %d px (resize pad %d), %s with %d classes', loaded.model, init_from,
-               size, ds.eval_resize_pad, ds.name, num_classes)
+               size, preprocess.eval_resize_pad(size, ds.eval_resize_pad), ds.name, num_classes)
   fn = feature_fn(loaded.model_config)
   t0 = time.time()
   kw = dict(image_size=size, batch_size=batch_size, fn=fn)

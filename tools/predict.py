@@ -1,6 +1,6 @@
 """Classifies image files with NFNet weights: top-k class names and probabilities per image.
 
-  python -m tools.predict --weights=runs/demo runs/demo/samples/*.png      # a run's workdir (its EMA params)
+  python -m tools.predict --weights=runs/demo runs/samples/digit_*.png      # a run's workdir (its EMA params)
   python -m tools.predict --weights=F0_haiku.npz cat.jpg dog.png           # DeepMind's released F0 weights
   python -m tools.predict --weights=f0_flat.npz --top=3 --json a.jpg        # JSON on stdout
 
@@ -38,8 +38,6 @@ from absl import logging
 from nfnets import console
 from nfnets.class_names import IMAGENET_CLASSES, read_class_names  # pylint: disable=unused-import
 
-EVAL_RESIZE_PAD = 32   # reference eval_preproc 'resize_crop_32': resize to S + 32, centre crop S
-
 
 def define_flags():
   """Defines this script's flags; called only when run as a script, so importing predict (tests, other
@@ -56,7 +54,9 @@ def define_flags():
   _IMAGE_SIZE = flags.DEFINE_integer('image_size', None, "Crop size; default: the run's eval size, else the "
                                      "model's test size.", lower_bound=1)
   _RESIZE_PAD = flags.DEFINE_integer('resize_pad', None, "Resize to image_size + resize_pad before the centre "
-                                     "crop; default: the run's eval_resize_pad, else 32.", lower_bound=0)
+                                     "crop; default: the run's eval_resize_pad, else the eval pipeline's "
+                                     "(32 at 256 px and above, scaled down with the size below).",
+                                     lower_bound=0)
   _BATCH_SIZE = flags.DEFINE_integer('batch_size', 16, 'Images per forward pass.', lower_bound=1)
   _JSON = flags.DEFINE_bool('json', False, 'Print a JSON list instead of text.')
   _SKIP_BAD = flags.DEFINE_bool('skip_bad_images', False, 'Warn about unreadable images and classify the '
@@ -84,7 +84,8 @@ class Predictor:
       `nfnets.registry.model_from_config`) and its eval size and resize pad.
     model: registry or timm name; None: the run's, else detected from the weights.
     num_classes: None: the run's, else the classifier's width in the weights.
-    image_size / resize_pad: None: the run's eval settings, else the model's test size and 32.
+    image_size / resize_pad: None: the run's eval settings, else the model's test size and the eval
+      pipeline's pad for that size (`nfnets.data.preprocess.eval_resize_pad`).
     conv_impl: None: the run's (else 'auto'); tools.export lowers with 'xla'.
   Raises:
     FileNotFoundError for missing weights; `nfnets.weights.WeightsError` (a ValueError) for corrupt
@@ -123,8 +124,10 @@ class Predictor:
     self.model, self.num_classes = model_config['name'], model_config['num_classes']
     ds = self.config.dataset if self.config is not None else {}
     self.image_size = image_size or ds.get('eval_image_size') or registry.get_spec(self.model).test_size
+    from nfnets.data import preprocess  # pylint: disable=g-import-not-at-top (loads TensorFlow)
     pad = resize_pad if resize_pad is not None else ds.get('eval_resize_pad')
-    self.resize_pad = EVAL_RESIZE_PAD if pad is None else int(pad)
+    # The eval pipeline's rule when neither says: 32 at S >= 256, scaled down with S below.
+    self.resize_pad = preprocess.eval_resize_pad(self.image_size, None if pad is None else int(pad))
     self.weights = weights
     self.params = params
     net = hk.without_apply_rng(hk.transform(

@@ -143,31 +143,35 @@ def train_iterator(ds_config, *, global_batch_size: int, image_size: int, num_cl
 
 
 def eval_iterator(ds_config, *, global_batch_size: int, image_size: int, process_index: Optional[int] = None,
-                  process_count: Optional[int] = None) -> Iterator[dict]:
-  """One pass over the eval split: float32 `images` [E / P, S, S, 3] (0..255, not normalised), int32
-  `labels`, float32 `mask` (0: padding); the same number of batches on every process."""
+                  process_count: Optional[int] = None, split: str = 'eval') -> Iterator[dict]:
+  """One pass over the eval split (or, with `split='train'`, over the train split unshuffled and without
+  augmentation, as a linear probe reads it): float32 `images` [E / P, S, S, 3] (0..255, not normalised),
+  int32 `labels`, float32 `mask` (0: padding); the same number of batches on every process."""
+  if split not in ('eval', 'train'):
+    raise ValueError(f"split={split!r}: expected 'eval' or 'train'")
   index, count = _process(process_index, process_count)
   per_process = check_batch_layout(global_batch_size, 1, count, 1, field='eval_batch_size')
   position = GlobalPosition(global_batch_size, per_process, index)
   if ds_config.name == 'fake':
     return _fake_eval(position, image_size)
   source = sources.get_source(ds_config)
-  num_batches = -(-source.num_eval // global_batch_size)
-  decoder = decode.EvalDecoder(source.eval, encoded=source.encoded, image_size=image_size,
+  records = source.eval if split == 'eval' else source.train
+  num_batches = -(-len(records) // global_batch_size)
+  decoder = decode.EvalDecoder(records, encoded=source.encoded, image_size=image_size,
                                resize_pad=preprocess.eval_resize_pad(image_size, ds_config.eval_resize_pad))
   positions = grain.MapDataset.range(num_batches * per_process).map(position)
   # Threads only: an eval iterator is made for every evaluation, and a worker process would import
   # TensorFlow again each time.
   threads, _ = _parallelism(ds_config)
   return _counted_eval(BatchIterator(_load(positions, decoder, per_process, num_threads=threads)),
-                       source.num_eval)
+                       len(records), split)
 
 
-def _counted_eval(batches: BatchIterator, num_examples: int) -> Iterator[dict]:
+def _counted_eval(batches: BatchIterator, num_examples: int, split: str) -> Iterator[dict]:
   yield from batches
   if batches.num_skipped:
-    logging.warning('Eval: %d of the split\'s %d examples could not be decoded and were left out',
-                    batches.num_skipped, num_examples)
+    logging.warning('%s split: %d of its %d examples could not be decoded and were left out',
+                    split.capitalize(), batches.num_skipped, num_examples)
 
 
 # ---------------------------------------------------------------------------------------------------- fake

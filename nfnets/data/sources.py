@@ -26,17 +26,6 @@ class _Split:
   """What every split has besides len() and [i]: `describe(i)` names record i in a warning."""
   encoded = True
 
-  def __call__(self, process_index: int, process_count: int):
-    """Deprecated: (a tf.data dataset of this split's records, 0), the per-process view the tf.data
-    pipeline had; kept only for tools/linear_probe.py until it reads `nfnets.data.eval_iterator`."""
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top (heavy; only this old path needs it)
-    if (process_index, process_count) != (0, 1):
-      raise ValueError('the deprecated tf.data view of a split serves one process only')
-    image = (tf.TensorSpec([], tf.string) if self.encoded else tf.TensorSpec([None, None, 3], tf.uint8))
-    return tf.data.Dataset.from_generator(
-        lambda: (self[i] for i in range(len(self))),
-        output_signature={'image': image, 'label': tf.TensorSpec([], tf.int32)}), 0
-
 
 class ArraySplit(_Split):
   """Records from in-memory arrays: uint8 images [N, H, W, 3] and int labels [N]."""
