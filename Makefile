@@ -2,8 +2,11 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# Tests run on the CPU with 4 simulated devices so multi-device code paths are exercised.
-TEST_ENV := JAX_PLATFORMS=cpu NFNETS_TUNING=off XLA_FLAGS=--xla_force_host_platform_device_count=4 TF_CPP_MIN_LOG_LEVEL=2
+# Tests run on the CPU with 4 simulated devices so multi-device code paths are exercised. Their models are
+# tiny, so compiling dominates: LLVM at -O0 halves XLA:CPU's compile time (the tiny train step: 13.4 -> 6.8 s,
+# its init 15.2 -> 5.5 s) without slowing the steps themselves.
+TEST_ENV := JAX_PLATFORMS=cpu NFNETS_TUNING=off TF_CPP_MIN_LOG_LEVEL=2 \
+	XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"
 
 .PHONY: venv test demo bench clean
 
@@ -18,8 +21,10 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 venv: $(VENV)/.installed
 
+# --dist loadscope: a module's tests run in one worker, so its module-scoped fixtures (short training runs)
+# are made once, not once per worker.
 test: venv
-	$(TEST_ENV) $(PY) -m pytest -q -n 2 tests
+	$(TEST_ENV) $(PY) -m pytest -q -n 2 --dist loadscope tests
 
 # Trains the demo model, then writes the sample inputs of the README's examples (runs/samples).
 demo: venv
