@@ -329,9 +329,9 @@ class RunDir:
         finally:
           with contextlib.suppress(OSError):
             os.remove(tmp)   # only left when the write failed: metrics.jsonl is then as it was
-    logging.info('metrics.jsonl: dropped %d records of steps after %d (trained again after the resume)%s; '
-                 '%d kept. TensorBoard event files keep their old points.', stale, step,
-                 f' and {unreadable} unreadable lines' if unreadable else '', len(kept))
+      logging.info('metrics.jsonl: dropped %d records of steps after %d (trained again after the resume)%s; '
+                   '%d kept. TensorBoard event files keep their old points.', stale, step,
+                   f' and {unreadable} unreadable lines' if unreadable else '', len(kept))
 
   def _write(self, record: dict) -> None:
     if not self.is_writer:
