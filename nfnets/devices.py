@@ -57,10 +57,13 @@ def map_per_device(fn: Callable, mesh: jax.sharding.Mesh, in_specs, out_specs,
 def put_replicated(tree, mesh: jax.sharding.Mesh):
   """Global arrays holding a host tree (the same on every process) whole on every device.
 
-  Always copied (`may_alias=False`): the buffers belong to the devices, so a train step can update the
-  donated state in place.
+  Never views of the caller's arrays, so a train step can update the donated state in place and the caller
+  may reuse its arrays. `may_alias=False` alone does not ensure it: XLA:CPU places a 64-byte-aligned NumPy
+  array without copying it (JAX 0.10). Each leaf is therefore copied on the host first, one at a time; a
+  device may then use that private copy as its buffer.
   """
-  return jax.device_put(tree, NamedSharding(mesh, REPLICATED), may_alias=False)
+  sharding = NamedSharding(mesh, REPLICATED)
+  return jax.tree.map(lambda x: jax.device_put(np.array(x, copy=True), sharding, may_alias=False), tree)
 
 
 def put_batch(local_tree, mesh: jax.sharding.Mesh):

@@ -27,7 +27,12 @@ def test_prefetch_places_batches_split_over_the_devices_in_order():
 
 def test_put_replicated_copies_the_host_tree_onto_every_device():
   mesh = devices.make_mesh()
-  host = {'w': np.arange(6, dtype=np.float32).reshape(2, 3)}
+  # A 64-byte-aligned host array, which XLA:CPU would place without a copy (device_put's may_alias=False
+  # does not prevent it): the case that made this test pass or fail with the allocator's luck.
+  raw = np.empty(6 * 4 + 64, np.uint8)
+  start = -raw.ctypes.data % 64
+  host = {'w': raw[start:start + 24].view(np.float32).reshape(2, 3)}
+  host['w'][:] = np.arange(6).reshape(2, 3)
   placed = jax.block_until_ready(devices.put_replicated(host, mesh))   # the transfer is asynchronous
   assert placed['w'].sharding.is_fully_replicated and len(placed['w'].addressable_shards) == jax.device_count()
   host['w'][:] = -1   # the device copy does not alias the host array (so a step may donate it)
