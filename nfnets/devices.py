@@ -17,6 +17,8 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 
+from nfnets import cpu
+
 AXIS = 'devices'                     # the one axis every collective reduces over
 REPLICATED = PartitionSpec()         # the state: a whole copy on every device
 SPLIT = PartitionSpec(AXIS)          # a batch: its leading axis split over the devices
@@ -58,12 +60,12 @@ def put_replicated(tree, mesh: jax.sharding.Mesh):
   """Global arrays holding a host tree (the same on every process) whole on every device.
 
   Never views of the caller's arrays, so a train step can update the donated state in place and the caller
-  may reuse its arrays. `may_alias=False` alone does not ensure it: XLA:CPU places a 64-byte-aligned NumPy
-  array without copying it (JAX 0.10). Each leaf is therefore copied on the host first, one at a time; a
-  device may then use that private copy as its buffer.
+  may reuse its arrays. `may_alias=False` alone does not ensure it on XLA:CPU, which places a 64-byte-aligned
+  NumPy array without copying it (JAX 0.10): there each leaf is first copied on the host
+  (`cpu.private_host_copy`), one at a time. An accelerator always copies host data to its own memory.
   """
   sharding = NamedSharding(mesh, REPLICATED)
-  return jax.tree.map(lambda x: jax.device_put(np.array(x, copy=True), sharding, may_alias=False), tree)
+  return jax.tree.map(lambda x: jax.device_put(cpu.private_host_copy(x), sharding, may_alias=False), tree)
 
 
 def put_batch(local_tree, mesh: jax.sharding.Mesh):

@@ -19,6 +19,7 @@ import sys
 from typing import Callable, Dict, Optional, Sequence
 
 import jax
+import numpy as np
 
 from nfnets.cpu import tuning
 
@@ -58,6 +59,12 @@ def release_free_memory() -> bool:
     return bool(libc.malloc_trim(0))
   except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim
     return False
+
+
+def private_host_copy(x):
+  """`x` as a NumPy array the caller does not hold, on CPU: XLA:CPU may use a 64-byte-aligned host array
+  as a device buffer without copying it (even with `may_alias=False`). Elsewhere `x` unchanged."""
+  return np.array(x, copy=True) if active() else x
 
 
 def loop_unroll() -> bool:
