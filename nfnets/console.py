@@ -1,9 +1,12 @@
 """The console of every command: this project's INFO lines (progress, evals, checkpoints), everyone's
 warnings, and one error path.
 
-Orbax logs every checkpoint step at INFO through absl, and TensorFlow prints INFO lines from C++ when it
-loads; in a short demo run they are most of the console. `configure(verbosity)` keeps them out by default
-(`--verbosity=1` shows other libraries' INFO lines, 2 their DEBUG lines).
+Orbax logs every checkpoint step at INFO through absl, and TensorFlow can print INFO lines from C++; in a
+short demo run they are most of the console. `configure(verbosity)` keeps them out by default
+(`--verbosity=1` shows other libraries' INFO lines, 2 their DEBUG lines). TensorFlow is imported only by
+what needs it (the input pipeline, TensorBoard logs), after JAX: jaxlib has then set up absl's C++ logging,
+so TensorFlow's import-time notices do not reach the console, and a command that fails on its flags never
+pays the seconds its import takes.
 
 Every command runs its absl `main` through `run`, which ends every failure it can name in one line:
   exit 2   (`USER_ERROR_EXIT`): a user error: a bad flag, value, config field or input file; the line
@@ -19,7 +22,6 @@ import logging as std_logging
 import os
 import re
 import sys
-import tempfile
 from typing import Callable, Optional, Sequence, Type
 
 from absl import app
@@ -42,9 +44,6 @@ STORAGE_ERRNOS = {
 _OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
 _QUOTED_PATH = re.compile(r'(?:Failed writing|local file): "([^"]+)"')
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# TensorFlow's import-time lines that are not INFO records themselves.
-_TF_INFO_PREFIXES = ('WARNING: All log messages before absl::InitializeLog()',
-                     'To enable the following instructions:')
 
 
 class ProjectLogFilter(std_logging.Filter):
@@ -79,10 +78,9 @@ def _reports_storage_fault(record: std_logging.LogRecord) -> bool:
   return bool(match) and int(match.group(1)) in STORAGE_ERRNOS
 
 
-def configure(verbosity: int = 0, tensorflow: bool = True) -> None:
+def configure(verbosity: int = 0) -> None:
   """0: the project's INFO lines and everyone's warnings; 1: everyone's INFO; 2: DEBUG too; < 0: absl's
-  own levels (warnings and up). `tensorflow`: import it now, quietly (commands that read data or write
-  TensorBoard logs use it)."""
+  own levels (warnings and up)."""
   if verbosity < 0:
     return                               # absl: WARNING (-1) and up only
   if verbosity <= 1:
@@ -90,33 +88,6 @@ def configure(verbosity: int = 0, tensorflow: bool = True) -> None:
   if verbosity == 0:
     logging.get_absl_handler().addFilter(ProjectLogFilter())
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')   # TensorFlow's C++ INFO lines
-    if tensorflow:
-      import_tensorflow_quietly()
-
-
-def import_tensorflow_quietly() -> None:
-  """Imports TensorFlow (the input pipeline and TensorBoard need it) without its import-time C++ INFO lines.
-
-  Loading its libraries logs a oneDNN notice twice, each after a line saying absl's C++ logging is not
-  initialised; TF_CPP_MIN_LOG_LEVEL does not reach them. stderr is captured during the import and every
-  other line (warnings, errors) is written back.
-  """
-  if 'tensorflow' in sys.modules:
-    return
-  sys.stderr.flush()
-  saved = os.dup(2)
-  with tempfile.TemporaryFile(mode='w+b') as captured:
-    os.dup2(captured.fileno(), 2)
-    try:
-      import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
-    finally:
-      os.dup2(saved, 2)
-      os.close(saved)
-      captured.seek(0)
-      for line in captured.read().decode(errors='replace').splitlines(keepends=True):
-        if not (re.match(r'I\d{4} ', line) or line.startswith(_TF_INFO_PREFIXES)):
-          sys.stderr.write(line)
-      sys.stderr.flush()
 
 
 def error_summary(error: BaseException) -> str:
@@ -203,16 +174,15 @@ def verbosity_flag() -> int:
 
 
 def run(main: Callable, user_errors: Sequence[Type[BaseException]] = (), flags_parser=None,
-        argv: Optional[Sequence[str]] = None, tensorflow: bool = True) -> None:
+        argv: Optional[Sequence[str]] = None) -> None:
   """`absl.app.run(main)` with the project's console and error path (see the module docstring).
 
   Args:
     user_errors: exception types that are user errors: printed as `error: <first line>`, exit 2.
     flags_parser: absl's `flags_parser` (e.g. `nfnets.run_config.parse_flags` for commands with --config).
-    tensorflow: whether the command uses TensorFlow (imported quietly first; see `configure`).
   """
   def main_with_console(args):
-    configure(verbosity_flag(), tensorflow)
+    configure(verbosity_flag())
     try:
       return main(args)
     except Exception as e:  # pylint: disable=broad-except

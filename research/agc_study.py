@@ -307,4 +307,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  console.run(main, tensorflow=False)   # the project's console: the sweep's progress lines show
+  console.run(main)   # the project's console: the sweep's progress lines show

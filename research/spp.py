@@ -203,4 +203,4 @@ def parse_flags(argv):
 if __name__ == '__main__':
   from nfnets import console  # pylint: disable=g-import-not-at-top
   define_flags()
-  console.run(main, (ValueError,), flags_parser=parse_flags, tensorflow=False)
+  console.run(main, (ValueError,), flags_parser=parse_flags)

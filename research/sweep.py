@@ -85,7 +85,7 @@ def cli():
   """The `nfnets-sweep` command (pyproject.toml); `python -m research.sweep` runs the same."""
   global _FIXED
   argv, _FIXED = split_overrides(sys.argv)
-  console.run(main, (sweep_grid.SweepError,), argv=argv, tensorflow=False)
+  console.run(main, (sweep_grid.SweepError,), argv=argv)
 
 
 if __name__ == '__main__':

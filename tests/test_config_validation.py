@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+import cli_helpers
 from configs import base, demo, f0
 from nfnets import config_validation as cv
 from nfnets.data.info import IMAGENET_TRAIN_EXAMPLES
@@ -251,6 +252,35 @@ def test_console_filter_drops_third_party_info_and_keeps_project_lines(tmp_path)
                   "[os_error_code='28']", 'project error', 'orbax warning', 'orbax error']
 
 
+IMPORT_TENSORFLOW = '''
+import sys
+if sys.argv[1] == 'after_the_console':
+  from nfnets import console
+  console.configure(0)
+  assert 'tensorflow' not in sys.modules   # imported by what needs it, not by the console
+import tensorflow
+print(tensorflow.constant(2).numpy())
+'''
+
+
+def test_tensorflow_is_imported_only_when_needed_and_quietly(tmp_path):
+  """Imported on its own, TensorFlow writes absl C++ notices that TF_CPP_MIN_LOG_LEVEL does not reach;
+  imported by a command (after the console, so after JAX) it writes none. A command that fails on its
+  flags never imports it (the seconds it takes are saved on every bad flag)."""
+  env = {k: v for k, v in cli_helpers.ENV.items() if k != 'TF_CPP_MIN_LOG_LEVEL'}
+  run = lambda *args: subprocess.run([sys.executable, *args], cwd=cli_helpers.ROOT, env=env,
+                                     capture_output=True, text=True, timeout=300)
+  plain, ours = run('-c', IMPORT_TENSORFLOW, 'plain'), run('-c', IMPORT_TENSORFLOW, 'after_the_console')
+  assert plain.stdout == ours.stdout == '2\n', (plain.stderr, ours.stderr)
+  assert 'absl::InitializeLog' in plain.stderr, plain.stderr   # the control
+  assert ours.stderr == ''
+  bad_flag = run('-X', 'importtime', 'train.py', '--config=configs/demo.py', f'--workdir={tmp_path}',
+                 '--config.batch_size=0')
+  assert bad_flag.returncode == 2 and 'batch_size=0' in bad_flag.stderr
+  imported = [line.rsplit('|', 1)[-1].strip() for line in bad_flag.stderr.splitlines() if '|' in line]
+  assert 'jax' in imported and 'tensorflow' not in imported
+
+
 # -------------------------------------------------------------------------------- train.py subprocesses
 
 CLI_CASES = {  # name: (extra args, the field the error line must name)
@@ -269,7 +299,7 @@ CLI_CASES = {  # name: (extra args, the field the error line must name)
 def cli_runs(tmp_path_factory):
   """All cases at once, in parallel: each is a fresh interpreter importing JAX and TensorFlow."""
   folder = one_class_folder(tmp_path_factory.mktemp('folder'))
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env = cli_helpers.ENV
   procs = {}
   for name, (args, _) in CLI_CASES.items():
     workdir = str(tmp_path_factory.mktemp(name) / 'workdir')

@@ -81,7 +81,7 @@ def main(argv):
 
 def cli():
   """The `nfnets-sample-images` command (pyproject.toml); `python -m tools.sample_images` runs the same."""
-  console.run(main, tensorflow=False)
+  console.run(main)
 
 
 if __name__ == '__main__':
