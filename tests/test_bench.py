@@ -9,6 +9,7 @@ import jax
 import pytest
 
 from benchmarks import bench
+import cli_helpers
 from configs import demo
 from nfnets import cpu
 from nfnets.cpu import tuning
@@ -20,8 +21,8 @@ KEYS = ('images_per_sec', 'step_time_s', 'compile_time_s', 'flops_per_sec', 'mfu
 @pytest.mark.parametrize('mode', ['train', 'eval'])
 def test_bench_cli_writes_json(tmp_path, mode):
   path = tmp_path / 'out.json'
-  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
-  env.pop('XLA_FLAGS', None)  # one device, as a user runs it
+  # One device, as a user runs it, with the suite's fast-compile flags.
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2', XLA_FLAGS=cli_helpers.XLA_FLAGS)
   subprocess.run([sys.executable, '-m', 'benchmarks.bench', '--config=configs/demo.py', f'--mode={mode}',
                   '--batch_size=2', '--resolution=32', '--steps=2', '--peak_matmul_n=256',
                   f'--json={path}'], cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)

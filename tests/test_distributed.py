@@ -17,12 +17,12 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import cli_helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tools import launch_local  # pylint: disable=g-import-not-at-top,wrong-import-position
 from nfnets import distributed  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-# Faster XLA:CPU compiles (compile time dominates these short runs); used by both sides of a comparison.
-FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
-ENV = {'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '2', 'XLA_FLAGS': FAST_COMPILE,
+# The suite's fast-compile XLA flags (compile time dominates these short runs), for both sides of a comparison.
+ENV = {'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '2', 'XLA_FLAGS': cli_helpers.XLA_FLAGS,
        # The suite's persistent compilation cache (conftest.py): a second run skips most compiles.
        'JAX_COMPILATION_CACHE_DIR': os.path.join(ROOT, '.pytest_cache', 'jax_cache'),
        'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0.5'}

@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from cli_helpers import ENV
 import experiment
 from nfnets import trainer as trainer_lib
 from tools import predict
@@ -20,10 +21,6 @@ from nfnets.train_state import TrainState
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSIFIER = 'NFNet/~/linear'
-
-
-def _env():
-  return dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', JAX_PLATFORMS='cpu')
 
 
 # ---------------------------------------------------------------------------------------------------- predict
@@ -127,14 +124,14 @@ def test_predict_cli(tiny_weights, images, tmp_path):
   classes.write_text(''.join(f'n{i:08d}\tthing {i}\n' for i in range(1000)))
   proc = subprocess.run([sys.executable, '-m', 'tools.predict', f'--weights={tiny_weights}', '--top=3', '--json',
                          f'--classes={classes}', '--conv_impl=xla', *paths[:2]],
-                        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.loads(proc.stdout)
   assert [r['image'] for r in out] == paths[:2]
   assert all(len(r['top']) == 3 and r['top'][0]['label'] == f"thing {r['top'][0]['index']}" for r in out)
   # A missing image fails before the weights are read, with the file named.
   proc = subprocess.run([sys.executable, '-m', 'tools.predict', f'--weights={tiny_weights}', paths[0], 'missing.png'],
-                        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2 and proc.stderr.strip() == 'error: missing.png: no such file' and not proc.stdout
 
 

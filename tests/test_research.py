@@ -103,7 +103,7 @@ def test_bad_fixed_override_and_config(tmp_path):
 
 
 def test_cli_reports_bad_field_and_prints_commands(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  from cli_helpers import ENV as env  # pylint: disable=g-import-not-at-top
   cli = [sys.executable, '-m', 'research.sweep', f'--config={DEMO}',
          f'--workdir={tmp_path}']
   bad = subprocess.run(cli + ['--sweep=optimizer.agc.nope=1,2'], capture_output=True, text=True, env=env, cwd=sweep_grid.REPO_ROOT)
