@@ -1,4 +1,6 @@
 """AGC against an independent NumPy implementation of eq. 3, optimizer masks and the LR schedule."""
+import functools
+
 import haiku as hk
 import jax
 import jax.numpy as jnp
@@ -84,9 +86,10 @@ def test_agc_rejects_non_positive(bad):
     nfnets.agc(**kw)
 
 
+@functools.cache
 def tiny_params():
   f = hk.transform(lambda x: nfnets.create_model('nfnet_tiny', 10)(x, is_training=True))
-  return f.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+  return jax.jit(f.init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))  # one compile, not one per op
 
 
 def test_masks_by_name():
@@ -125,7 +128,7 @@ def test_optimizer_leaves_classifier_unclipped_and_matches_manual_update():
   grads = jax.tree.map(lambda p: jnp.full_like(p, 5.0), params)  # huge: every clipped unit clips
   sched = lambda step: 0.5
   tx = nfnets.make_optimizer(opt_config(), sched)
-  updates, _ = tx.update(grads, tx.init(params), params)
+  updates, _ = jax.jit(lambda g, p: tx.update(g, tx.init(p), p))(grads, params)
   wd, m = 2e-5, 0.9
   for mod, ps in params.items():
     for name, p in ps.items():
@@ -149,6 +152,6 @@ def test_agc_disabled_by_config():
   grads = jax.tree.map(lambda p: jnp.full_like(p, 5.0), params)
   tx = nfnets.make_optimizer(opt_config(agc=dict(enabled=False, clipping=0.01, eps=1e-3),
                                         weight_decay=0.0, momentum=0.0), lambda s: 1.0)
-  updates, _ = tx.update(grads, tx.init(params), params)
+  updates, _ = jax.jit(lambda g, p: tx.update(g, tx.init(p), p))(grads, params)
   for u, g in zip(jax.tree.leaves(updates), jax.tree.leaves(grads)):
     np.testing.assert_allclose(np.asarray(u), -np.asarray(g))

@@ -103,11 +103,22 @@ def test_nf_resnet_bad_shape_overrides(bad, match):
 
 @pytest.mark.parametrize('name,num_blocks', [('nfnet_tiny', 4), ('nf_resnet26', 8)])
 def test_skip_gain_init(name, num_blocks):
-  """Every block's skip gain starts at 0 (SkipInit) unless skip_gain_init says otherwise."""
+  """Every block's skip gain starts at 0 (SkipInit) unless skip_gain_init says otherwise: the initializer
+  each skip_gain is created with, evaluated (tracing the init finds them; nothing is compiled)."""
   for init in (0.0, 0.5):
-    f = hk.transform(lambda x: nfnets.create_model(name, 10, skip_gain_init=init)(x, is_training=True))
-    params = f.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
-    gains = [float(p['skip_gain']) for p in params.values() if 'skip_gain' in p]
+    initializers = []
+
+    def record(next_creator, shape, dtype, initializer, context):
+      if context.name == 'skip_gain':
+        initializers.append((shape, dtype, initializer))
+      return next_creator(shape, dtype, initializer)
+
+    def fwd(x):
+      with hk.custom_creator(record):
+        return nfnets.create_model(name, 10, skip_gain_init=init)(x, is_training=True)
+
+    jax.eval_shape(hk.transform(fwd).init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+    gains = [float(initializer(shape, dtype)) for shape, dtype, initializer in initializers]
     assert gains == [init] * num_blocks
 
 
@@ -266,8 +277,8 @@ def _apply(name, x, num_classes=10, is_training=False, return_metrics=False, par
   f = hk.transform(lambda x: nfnets.create_model(name, num_classes, **kw)(
       x, is_training=is_training, return_metrics=return_metrics))
   if params is None:
-    params = f.init(jax.random.PRNGKey(0), x)
-  return params, f.apply(params, jax.random.PRNGKey(1), x)
+    params = jax.jit(f.init)(jax.random.PRNGKey(0), x)  # one compile, not one per op
+  return params, jax.jit(f.apply)(params, jax.random.PRNGKey(1), x)
 
 
 def test_forward_shapes_and_metrics():
@@ -297,10 +308,14 @@ def test_blocks_are_identity_at_init():
       return nfnets.create_model('nfnet_tiny', 10, depths=(1, 3, 1, 1))(x, is_training=False)
 
   f = hk.transform(fwd)
-  params = f.init(jax.random.PRNGKey(0), x)
-  captured.clear()
-  f.apply(params, None, x)
-  plain = [(a, b) for s, a, b in captured if not s.use_projection]
+  params = jax.jit(f.init)(jax.random.PRNGKey(0), x)
+
+  def plain_blocks(params, x):
+    captured.clear()
+    f.apply(params, None, x)
+    return [(a, b) for s, a, b in captured if not s.use_projection]
+
+  plain = jax.jit(plain_blocks)(params, x)
   assert len(plain) == 2
   for a, b in plain:
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -315,9 +330,9 @@ def test_signal_propagation_follows_beta_rule():
   x = jax.random.normal(jax.random.PRNGKey(0), (16, 128, 128, 3))
   kw = dict(depths=(1, 4, 1, 1), widths=(64, 128, 256, 256), group_width=16, stem_widths=(16, 32, 64))
   f = hk.transform(lambda x: nfnets.NFNet(10, 'F0', **kw)(x, is_training=False, return_metrics=True))
-  params = f.init(jax.random.PRNGKey(0), x)
+  params = jax.jit(f.init)(jax.random.PRNGKey(0), x)
   params = hk.data_structures.map(lambda m, n, p: jnp.ones_like(p) if n == 'skip_gain' else p, params)
-  _, metrics = f.apply(params, None, x)
+  _, metrics = jax.jit(f.apply)(params, None, x)
   var, res_var = np.asarray(metrics['avg_var']), np.asarray(metrics['res_avg_var'])
   np.testing.assert_allclose([var[0], res_var[0]], 1.0, rtol=0.15)
   # Stage 2 = blocks 1..4; blocks 2..4 are plain: var_i - var_{i-1} = alpha^2 * res_var_i.

@@ -165,10 +165,9 @@ def test_exported_logits_equal_predicts(run, predicted, tmp_path):
   np.testing.assert_allclose(got, logits, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize('run', ['depths'], indirect=True)  # the refusals do not depend on the architecture
 def test_export_refuses_to_overwrite_or_a_bad_fit(run, predicted, tmp_path):
-  name, workdir = run
-  if name != 'depths':
-    pytest.skip('the refusals do not depend on the architecture: checked on one run')
+  _, workdir = run
   _, _, _, _, out, sm = predicted
   before = open(out, 'rb').read()
   line = error_line(run_tool('-m', 'tools.export', f'--workdir={workdir}', f'--out={out}'), 2)

@@ -9,7 +9,7 @@ import pytest
 import experiment
 import nfnets
 from nfnets.devices import to_host
-from test_experiment import assert_trees_close, fake_batch, loss_inputs, run_steps, tiny_config
+from test_experiment import assert_trees_close, fake_batch, loss_inputs, run_steps, shared_experiment, tiny_config
 
 KEY = jax.random.PRNGKey(0)  # the tiny config has no stochastic depth or dropout: the key is unused
 
@@ -37,15 +37,17 @@ def test_any_optax_chain_trains_with_no_change_to_the_step():
     batch = fake_batch(1, xp.per_device_batch, seed=seed)
     state, _ = xp.train_step(state, xp.put_batch(batch))
     params, opt_state = plain_optax(grad(params, *loss_inputs(batch, 0)), opt_state, params)
-  assert_trees_close(to_host(state.params), params, rtol=1e-5, atol=1e-6)
+  # Adam divides by sqrt(nu) ~ |g|: where a gradient is near 0, rounding (the two paths are compiled apart)
+  # moves a param by up to ~1% of one step's lr (1e-3); a wrong chain moves it by ~lr.
+  assert_trees_close(to_host(state.params), params, rtol=1e-5, atol=3e-5)
   assert_trees_close(to_host(state.opt_state), opt_state, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize('num_devices', [1, 4])
-def test_sam_step_matches_the_papers_rule(num_devices):
+def test_sam_step_matches_the_papers_rule(num_devices=4):
   """One SAM step (App. A.4): each device perturbs the params by rho * g / ||g||, g its own ascent
   gradient on a fraction of its batch spread over it; the descent gradients at the perturbed points are
-  averaged over devices and go through AGC and the optimizer. Checked through the new momentum."""
+  averaged over devices and go through AGC and the optimizer. Checked through the new momentum, on 4
+  devices (one device is the case without the average)."""
   rho = 0.05
   cfg = tiny_config(**{'optimizer.sam_rho': rho, 'optimizer.sam_batch_fraction': 0.25})
   xp = experiment.Experiment(cfg, devices=jax.local_devices()[:num_devices])
@@ -58,7 +60,7 @@ def test_sam_step_matches_the_papers_rule(num_devices):
 
   # The reference, each part jitted: op by op, every leaf's shape would be a compile of its own.
   grad = jax.jit(jax.grad(loss_fn(xp)))
-  perturb = jax.jit(lambda p, g: jax.tree.map(lambda a, v: a + rho * v / optax.global_norm(g), p, g))
+  perturb = jax.jit(lambda p, g: jax.tree.map(lambda a, v: a + rho * v / optax.tree.norm(g), p, g))
   ascents, descents = [], []
   for d in range(num_devices):
     x, y, h = loss_inputs(batch, d, num_devices)
@@ -68,21 +70,20 @@ def test_sam_step_matches_the_papers_rule(num_devices):
   mean_descent = jax.jit(lambda ds: jax.tree.map(lambda *v: jnp.mean(jnp.stack(v), axis=0), *ds))(descents)
   _, expected = jax.jit(xp.optimizer.update)(mean_descent, opt0, p0)
   assert_trees_close(to_host(new.opt_state), expected, rtol=2e-4, atol=1e-6)
-  if num_devices > 1:  # the devices' ascent directions really differ (they are not averaged)
-    a, b = jax.tree.leaves(ascents[0])[0], jax.tree.leaves(ascents[1])[0]
-    assert np.abs(a - b).max() > 1e-3 * np.abs(a).max()
-  plain_cfg = tiny_config()
-  plain = experiment.Experiment(plain_cfg, devices=jax.local_devices()[:num_devices])
+  # The devices' ascent directions really differ (they are not averaged).
+  a, b = jax.tree.leaves(ascents[0])[0], jax.tree.leaves(ascents[1])[0]
+  assert np.abs(a - b).max() > 1e-3 * np.abs(a).max()
+  plain = shared_experiment(num_devices)
   without_sam, _ = plain.train_step(plain.init_state(), plain.put_batch(batch))
   trace = lambda s: jax.tree.leaves(to_host(s.opt_state))
   assert max(float(np.abs(a - b).max()) for a, b in zip(trace(new), trace(without_sam))) > 1e-6
 
 
-@pytest.mark.parametrize('num_devices', [1, 4])
-def test_sam_with_accumulation_equals_sam_on_the_whole_batch(num_devices):
+def test_sam_with_accumulation_equals_sam_on_the_whole_batch(num_devices=1):
   """SAM's ascent examples are round(fraction x device batch), spread over the whole augmented device batch
   (MixUp and CutMix halves), whatever the accumulation: with grad_accum_steps=2 the step is the step with
-  1. An ascent taken from one micro-batch (fewer examples, or other ones) would differ."""
+  1. An ascent taken from one micro-batch (fewer examples, or other ones) would differ. One device: its
+  batch of 16 is the largest, so the spread reaches furthest into the second micro-batch."""
   sam = {'optimizer.sam_rho': 0.05, 'optimizer.sam_batch_fraction': 0.5, 'dataset.augment.mixup_alpha': 0.2,
          'dataset.augment.cutmix': True}
   devices = jax.local_devices()[:num_devices]
@@ -96,7 +97,7 @@ def test_sam_with_accumulation_equals_sam_on_the_whole_batch(num_devices):
 
 
 def test_non_finite_step_keeps_every_leaf_and_records_the_step():
-  xp = experiment.Experiment(tiny_config(), devices=jax.local_devices()[:2])
+  xp = shared_experiment(2)
   # float pixels (the step takes them as it takes uint8), so that a NaN can be planted
   state, _ = xp.train_step(xp.init_state(), xp.put_batch(fake_batch(2, xp.per_device_batch, dtype=np.float32)))
   before = to_host(state)
