@@ -10,7 +10,7 @@ import pytest
 import nfnets
 from nfnets import conv
 from nfnets import cpu
-from nfnets import weights
+from test_predict_finetune import random_params
 
 LOWERINGS = [i for i in conv.IMPLS if i != 'auto']
 # (H, W, C_in, C_out, k, stride, groups, padding): grouped/dense, 1x1/3x3/5x5, strides 1/2,
@@ -74,15 +74,10 @@ def _nets(name):
           for i in ('xla', 'auto')}
 
 
-def _params_with_open_residuals(name, seed=0):
-  """Random params of the model's shapes, made on the host (compiling the init of F0 would take longer than
-  the test): gains 1, the rest N(0, 0.1), skip gains 0.5 more, so the residual branches (where the grouped
-  convs are) reach the logits."""
-  rng = np.random.default_rng(seed)
-  value = lambda n, shape: (np.ones(shape, np.float32) if n == 'gain' else
-                            rng.normal(0.5 if n == 'skip_gain' else 0.0, 0.1, shape).astype(np.float32))
-  return {m: {n: value(n, shape) for n, shape in ps.items()}
-          for m, ps in weights.expected_shapes(name, 10).items()}
+def _params_with_open_residuals(name):
+  """Random params made on the host (compiling the init of F0 would take longer than the test); their skip
+  gains are 1, so the residual branches (where the grouped convs are) reach the logits."""
+  return random_params(name, 10)
 
 
 def test_model_value_and_grad_equal_across_lowerings(monkeypatch):

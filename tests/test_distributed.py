@@ -18,6 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import cli_helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
+from test_experiment import SMALL_NF_RESNET  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tools import launch_local  # pylint: disable=g-import-not-at-top,wrong-import-position
 from nfnets import distributed  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -34,10 +35,7 @@ def train_flags(workdir, **overrides):
            'checkpoint_every': STEPS, 'eval_batch_size': 360, 'dataset.image_size': 16,
            'dataset.eval_image_size': 16, 'model.stochdepth_rate': 0.0, 'model.drop_rate': 0.0,
            'model.conv_impl': 'xla', 'optimizer.warmup_epochs': 0.01, 'optimizer.base_lr': 0.4,
-           'dtype': 'float32',
-           # A 4-block quarter-width NF-ResNet: these runs compare process layouts, not models, and each
-           # process compiles it in ~60% of nfnet_tiny's time.
-           'model.name': 'nf_resnet26', 'model.width': 0.25, 'model.depths': '(1,1,1,1)'}
+           'dtype': 'float32', **SMALL_NF_RESNET}
   flags.update(overrides)
   return ['--config=configs/demo.py', f'--workdir={workdir}'] + [f'--config.{k}={v}' for k, v in flags.items()]
 
